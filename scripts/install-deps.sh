@@ -1,0 +1,44 @@
+#!/bin/sh
+# Installs the Debian 12 packages that building, running and testing ingestd
+# need. Packages already present are skipped, so a second run is quick.
+# Usage: scripts/install-deps.sh [build|test]
+set -eu
+
+build_pkgs="build-essential cmake pkg-config libuv1-dev node-llhttp \
+libjansson-dev libyaml-dev libsqlite3-dev libssl-dev libpcre2-dev"
+test_pkgs="libcmocka-dev curl python3 python3-requests python3-pytest \
+sqlite3 wrk nginx-light"
+
+want="$build_pkgs"
+if [ "${1:-build}" = "test" ]; then
+    want="$want $test_pkgs"
+fi
+
+missing=""
+for p in $want; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null |
+        grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+
+if [ -z "$missing" ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: missing packages:$missing" >&2
+    echo "install-deps: run this script as root to install them" >&2
+    exit 1
+fi
+
+echo "install-deps: installing$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# The nginx package is only a benchmark reference; keep its service from
+# starting on port 80 while it installs.
+printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+chmod +x /usr/sbin/policy-rc.d
+trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing

@@ -1,0 +1,102 @@
+/* Device registry and API key authentication.
+ *
+ * The registry is an SQLite database, changed by the `ingestd device`
+ * commands. API keys are 32 random bytes shown once as "ik_" followed by
+ * 43 base64url characters; only their SHA-256 hash is stored. After
+ * rotate-key the previous key keeps working until its grace period ends.
+ *
+ * The running service authenticates from an in-memory snapshot of the
+ * registry, rebuilt by auth_reload (on SIGHUP, and when polling sees that
+ * another process changed the database).
+ */
+#ifndef INGESTD_AUTH_AUTH_H
+#define INGESTD_AUTH_AUTH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define AUTH_DEVICE_ID_MAX 128 /* bytes, without the NUL */
+#define AUTH_TYPE_MAX 64
+#define AUTH_KEY_LEN 46 /* "ik_" + 43 characters, without the NUL */
+
+/* A device as the pipeline needs it, copied out of the snapshot. */
+typedef struct auth_device {
+    char id[AUTH_DEVICE_ID_MAX + 1];
+    char type[AUTH_TYPE_MAX + 1];
+} auth_device_t;
+
+enum auth_result {
+    AUTH_OK = 0,
+    AUTH_UNKNOWN_KEY = 1, /* no device has this key, or its grace ended */
+    AUTH_DISABLED = 2,    /* the key is valid, the device is disabled */
+};
+
+/* Returns 1 if `id` is a valid device id: 1 to 128 characters from
+ * [A-Za-z0-9._:-]. The same rule keeps ids safe in MQTT topics and paths. */
+int auth_device_id_valid(const char *id);
+
+/* --- Registry database, used by the command line --- */
+
+typedef struct registry registry_t;
+
+typedef struct registry_entry {
+    const char *id;
+    const char *type;
+    int enabled;
+    int64_t created_ms;
+    int64_t key_rotated_ms;
+    int64_t old_key_expires_ms; /* 0 when there is no previous key */
+} registry_entry_t;
+
+/* Opens (creating if needed) the registry at `path`. Returns 0, or ING_EDB
+ * with a message in `err`. */
+int registry_open(const char *path, registry_t **out, char *err,
+                  size_t errlen);
+void registry_close(registry_t *r);
+
+/* Adds a device and writes its new API key into `key`.
+ * Returns 0, ING_EINVAL for an invalid id or type, ING_EEXIST, or ING_EDB. */
+int registry_device_add(registry_t *r, const char *id, const char *type,
+                        char key[AUTH_KEY_LEN + 1]);
+
+/* Calls `fn` for each device, ordered by id. Returns 0 or ING_EDB. */
+int registry_device_list(registry_t *r,
+                         void (*fn)(const registry_entry_t *e, void *arg),
+                         void *arg);
+
+/* Returns 0, ING_ENOTFOUND or ING_EDB. */
+int registry_device_set_enabled(registry_t *r, const char *id, int enabled);
+
+/* Gives the device a new key, written into `key`. The current key stays
+ * valid for `grace_ms` more milliseconds (0 revokes it at once).
+ * Returns 0, ING_ENOTFOUND or ING_EDB. */
+int registry_device_rotate_key(registry_t *r, const char *id,
+                               uint64_t grace_ms, char key[AUTH_KEY_LEN + 1]);
+
+/* --- Snapshot used by the running service --- */
+
+typedef struct auth auth_t;
+
+/* Opens the registry at `path` read-only and loads a first snapshot.
+ * Returns 0, or ING_EDB with a message in `err`. */
+int auth_open(const char *path, auth_t **out, char *err, size_t errlen);
+
+/* Rebuilds the snapshot from the database. On failure the previous
+ * snapshot stays in use. Returns 0 or ING_EDB. Thread-safe. */
+int auth_reload(auth_t *a);
+
+/* Rebuilds the snapshot only when the database changed since the last
+ * load. Returns 1 if it reloaded, 0 if nothing changed, or ING_EDB. */
+int auth_reload_if_changed(auth_t *a);
+
+/* Authenticates an API key. On AUTH_OK and AUTH_DISABLED fills `dev`.
+ * Thread-safe and lock-free for readers apart from a reference count. */
+enum auth_result auth_check_key(auth_t *a, const char *key, size_t len,
+                                auth_device_t *dev);
+
+/* Number of devices in the current snapshot. */
+size_t auth_device_count(auth_t *a);
+
+void auth_close(auth_t *a);
+
+#endif

@@ -1,0 +1,106 @@
+/* The service configuration, loaded from one YAML file.
+ *
+ * Every directive is described once in a table in config.c (name, type,
+ * bounds, default). Loading stops at the first unknown key or bad value with
+ * an error that names the file, line, directive and the expected value.
+ * Durations are written with a unit (250ms, 10s, 5m, 24h) and sizes with a
+ * binary unit (512KiB, 64MiB, 1GiB) or as plain bytes.
+ */
+#ifndef INGESTD_CORE_CONFIG_H
+#define INGESTD_CORE_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+enum spool_durability {
+    SPOOL_DURABILITY_FSYNC = 0, /* ack after fdatasync (default) */
+    SPOOL_DURABILITY_NONE = 1,  /* ack after write(2): lossy on power loss */
+};
+
+typedef struct config_device_type {
+    char *name;
+    /* Path of the JSON Schema file, resolved against the config file's folder,
+     * or NULL when the schema was given inline. */
+    char *schema_path;
+    json_t *schema; /* the loaded schema document, owned */
+} config_device_type_t;
+
+enum config_sink_kind {
+    CONFIG_SINK_FILE = 0,
+};
+
+typedef struct config_sink {
+    char *name; /* unique, names the sink's cursor and its metrics */
+    enum config_sink_kind kind;
+    char *path;           /* file sink: output folder */
+    uint64_t rotate_size; /* file sink: start a new file past this size */
+    int fsync;            /* file sink: fsync output before committing */
+    uint64_t batch_records; /* records read from the spool per batch */
+} config_sink_t;
+
+typedef struct config {
+    char *path; /* the file this was loaded from */
+    char *dir;  /* its folder, against which relative paths resolve */
+
+    int log_level; /* enum log_level */
+
+    char *data_dir; /* spool and sink cursors live under it */
+
+    struct {
+        char *path;                  /* SQLite file */
+        uint64_t key_grace_ms;       /* old key's life after rotate-key */
+        uint64_t reload_interval_ms; /* poll for changes; 0 = SIGHUP only */
+    } registry;
+
+    struct {
+        char *listen; /* host:port */
+        int workers;  /* 0 = one per core */
+        uint64_t max_header_bytes;
+        uint64_t max_body_bytes;
+        uint64_t max_readings_per_request;
+        uint64_t header_timeout_ms; /* time to receive a request's headers */
+        uint64_t body_timeout_ms;   /* time to receive a request's body */
+        uint64_t idle_timeout_ms;   /* keep-alive connection with no request */
+        uint64_t max_connections;   /* per worker */
+        uint64_t retry_after_s;     /* Retry-After of 503 answers */
+    } http;
+
+    struct {
+        char *listen; /* host:port, NULL or "" to disable */
+    } admin;
+
+    struct {
+        enum spool_durability durability;
+        uint64_t segment_size;
+        uint64_t max_size; /* 503 past this many bytes on disk */
+    } spool;
+
+    uint64_t shutdown_timeout_ms; /* drain time on SIGTERM */
+
+    char *default_device_type;
+    config_device_type_t *device_types;
+    size_t device_type_count;
+
+    config_sink_t *sinks;
+    size_t sink_count;
+} config_t;
+
+/* Loads and checks `path`. On success stores a new config in `*out` and
+ * returns 0. On failure returns ING_ECONFIG and writes a message such as
+ * "config/ingestd.yaml:12: http.max_body_bytes: expected a size such as
+ * 1MiB, got \"lots\"" into `err`. */
+int config_load(const char *path, config_t **out, char *err, size_t errlen);
+
+/* Finds a device type by name. Returns NULL when there is none. */
+const config_device_type_t *config_device_type(const config_t *cfg,
+                                               const char *name);
+
+void config_free(config_t *cfg);
+
+/* Parsers shared with the command line. Each returns 0 or ING_EINVAL. */
+int config_parse_duration_ms(const char *s, uint64_t *out);
+int config_parse_size(const char *s, uint64_t *out);
+
+#endif

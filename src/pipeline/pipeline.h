@@ -1,0 +1,102 @@
+/* The pipeline turns authenticated readings into durable spool records.
+ *
+ * A protocol adapter creates a batch for one request or message, adds each
+ * reading (validated against the schema of the device's type and wrapped
+ * in an envelope with a new UUIDv7 message id), then submits the batch. The
+ * completion runs on the adapter's own event loop once the spool's
+ * fdatasync covering the batch returned, and only then may the adapter
+ * acknowledge the device. Adapters never touch the spool directly.
+ *
+ * Envelope, one JSON object per spool record:
+ *   {"message_id":"...","device_id":"...","device_type":"...",
+ *    "protocol":"http","received_at":"2026-12-04T17:00:00.123Z",
+ *    "content_type":"application/json","payload":{...the reading...}}
+ */
+#ifndef INGESTD_PIPELINE_PIPELINE_H
+#define INGESTD_PIPELINE_PIPELINE_H
+
+#include <stddef.h>
+
+#include <jansson.h>
+#include <uv.h>
+
+#include "auth/auth.h"
+#include "core/config.h"
+#include "spool/spool.h"
+
+typedef struct pipeline pipeline_t;
+typedef struct pipeline_loop pipeline_loop_t;
+typedef struct pipeline_batch pipeline_batch_t;
+
+/* Compiles every device type's schema and binds the spool. Returns 0, or
+ * ING_ECONFIG with a message naming the device type in `err`. */
+int pipeline_create(const config_t *cfg, spool_t *spool, pipeline_t **out,
+                    char *err, size_t errlen);
+void pipeline_destroy(pipeline_t *p);
+
+/* Binds the pipeline to an event loop, so that completions run on that
+ * loop's thread. Call from the loop's thread. Returns NULL on allocation
+ * failure. Detach (also from that thread) only after every batch submitted
+ * through it completed; detaching closes a libuv handle, so run the loop
+ * once more afterwards. */
+pipeline_loop_t *pipeline_loop_attach(pipeline_t *p, uv_loop_t *loop);
+void pipeline_loop_detach(pipeline_loop_t *pl);
+
+/* Number of submitted batches whose completion has not run yet. */
+size_t pipeline_loop_pending(pipeline_loop_t *pl);
+
+/* Starts a batch of readings from device `dev` arriving over `protocol`
+ * ("http", "ws", "mqtt"). `content_type` may be NULL. Returns NULL on
+ * allocation failure. */
+pipeline_batch_t *pipeline_batch_new(pipeline_loop_t *pl,
+                                     const auth_device_t *dev,
+                                     const char *protocol,
+                                     const char *content_type);
+
+enum pipeline_add_result {
+    PIPELINE_ACCEPTED = 0,  /* valid, enveloped, waiting for submit */
+    PIPELINE_INVALID = 1,   /* failed validation, errors recorded */
+    PIPELINE_FORBIDDEN = 2, /* its device_id names another device */
+};
+
+/* Validates `reading` (borrowed) and adds it to the batch. Every reading
+ * is checked, also after a failed one, so that the errors list all
+ * failures. Returns an enum pipeline_add_result, or ING_ENOMEM. */
+int pipeline_batch_add(pipeline_batch_t *b, const json_t *reading);
+
+/* Records a reading that could not even be parsed (for NDJSON lines), so
+ * that its index and reason appear in the errors. */
+void pipeline_batch_add_unparsable(pipeline_batch_t *b, const char *reason);
+
+size_t pipeline_batch_count(const pipeline_batch_t *b);     /* all added */
+size_t pipeline_batch_invalid(const pipeline_batch_t *b);   /* invalid */
+size_t pipeline_batch_forbidden(const pipeline_batch_t *b); /* forbidden */
+
+/* Returns a new JSON array describing each rejected reading:
+ * [{"index":0,"errors":[{"pointer":"/sensor_value",
+ *   "reason":"must be <= 100, got 120"}]}]. The caller owns it. */
+json_t *pipeline_batch_errors(const pipeline_batch_t *b);
+
+/* Returns the message id assigned to accepted reading `i`. */
+const char *pipeline_batch_id(const pipeline_batch_t *b, size_t i);
+
+/* Called on the batch's loop thread. `status` is 0 when every reading is
+ * durable, ING_EFULL, ING_EIO or ING_ESHUTDOWN otherwise. The batch stays
+ * valid until pipeline_batch_free. */
+typedef void (*pipeline_done_fn)(pipeline_batch_t *b, int status, void *arg);
+
+/* Appends the batch's accepted readings to the spool as one unit. Returns
+ * 0 when submitted (the completion will run exactly once), or ING_EFULL,
+ * ING_ETOOBIG or ING_ESHUTDOWN when nothing was submitted (no completion
+ * runs). A batch must not be submitted with invalid or forbidden readings;
+ * a batch is all or nothing. */
+int pipeline_batch_submit(pipeline_batch_t *b, pipeline_done_fn done,
+                          void *arg);
+
+void pipeline_batch_free(pipeline_batch_t *b);
+
+/* Returns 1 when the spool is full, so that adapters can answer "try later"
+ * before reading a body. */
+int pipeline_spool_full(pipeline_t *p);
+
+#endif
