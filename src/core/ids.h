@@ -2,6 +2,7 @@
 #ifndef INGESTD_CORE_IDS_H
 #define INGESTD_CORE_IDS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define UUID_STR_LEN 37 /* 36 characters and the terminating NUL */
