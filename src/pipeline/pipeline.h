@@ -77,7 +77,11 @@ size_t pipeline_batch_forbidden(const pipeline_batch_t *b); /* forbidden */
  *   "reason":"must be <= 100, got 120"}]}]. The caller owns it. */
 json_t *pipeline_batch_errors(const pipeline_batch_t *b);
 
-/* Returns the message id assigned to accepted reading `i`. */
+/* Number of readings accepted into the batch so far. */
+size_t pipeline_batch_accepted(const pipeline_batch_t *b);
+
+/* Returns the message id assigned to accepted reading `i`, in the order
+ * they were added, or NULL when `i` is out of range. */
 const char *pipeline_batch_id(const pipeline_batch_t *b, size_t i);
 
 /* Called on the batch's loop thread. `status` is 0 when every reading is
@@ -94,6 +98,9 @@ int pipeline_batch_submit(pipeline_batch_t *b, pipeline_done_fn done,
                           void *arg);
 
 void pipeline_batch_free(pipeline_batch_t *b);
+
+/* Returns the pipeline a loop is attached to. */
+pipeline_t *pipeline_loop_pipeline(pipeline_loop_t *pl);
 
 /* Returns 1 when the spool is full, so that adapters can answer "try later"
  * before reading a body. */

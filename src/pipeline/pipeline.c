@@ -1,0 +1,437 @@
+#include "pipeline/pipeline.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <pthread.h>
+
+#include "core/errors.h"
+#include "core/ids.h"
+#include "core/log.h"
+#include "validate/validate.h"
+
+typedef struct compiled_type {
+    char *name;
+    schema_t *schema;
+} compiled_type_t;
+
+struct pipeline {
+    spool_t *spool;
+    compiled_type_t *types;
+    size_t type_count;
+};
+
+struct pipeline_loop {
+    pipeline_t *pipeline;
+    uv_loop_t *loop;
+    uv_async_t async;
+    pthread_mutex_t lock;
+    pipeline_batch_t *completed; /* filled by the spool writer thread */
+    size_t pending;              /* touched on the loop thread only */
+};
+
+/* An accepted reading, already serialized as its spool record. */
+typedef struct envelope {
+    char id[UUID_STR_LEN];
+    char *json;
+    size_t len;
+} envelope_t;
+
+struct pipeline_batch {
+    pipeline_loop_t *pl;
+    auth_device_t dev;
+    char protocol[16];
+    char *content_type;
+    const schema_t *schema;
+    char received_at[32];
+
+    envelope_t *accepted;
+    size_t accepted_count;
+    size_t accepted_cap;
+
+    json_t *errors; /* array of {"index":i,"errors":[...]} */
+    size_t count;
+    size_t invalid;
+    size_t forbidden;
+
+    pipeline_done_fn done;
+    void *done_arg;
+    int status;
+    pipeline_batch_t *next_completed;
+};
+
+static const schema_t *find_schema(const pipeline_t *p, const char *type)
+{
+    for (size_t i = 0; i < p->type_count; i++) {
+        if (strcmp(p->types[i].name, type) == 0)
+            return p->types[i].schema;
+    }
+    return NULL;
+}
+
+int pipeline_create(const config_t *cfg, spool_t *spool, pipeline_t **out,
+                    char *err, size_t errlen)
+{
+    char schema_err[512];
+    pipeline_t *p = calloc(1, sizeof(*p));
+
+    if (p == NULL)
+        return ING_ENOMEM;
+    p->spool = spool;
+    p->types = calloc(cfg->device_type_count ? cfg->device_type_count : 1,
+                      sizeof(*p->types));
+    if (p->types == NULL) {
+        free(p);
+        return ING_ENOMEM;
+    }
+    for (size_t i = 0; i < cfg->device_type_count; i++) {
+        const config_device_type_t *t = &cfg->device_types[i];
+        compiled_type_t *ct = &p->types[p->type_count];
+
+        ct->name = strdup(t->name);
+        if (ct->name == NULL) {
+            pipeline_destroy(p);
+            return ING_ENOMEM;
+        }
+        p->type_count++;
+        if (schema_compile(t->schema, &ct->schema, schema_err,
+                           sizeof(schema_err)) != 0) {
+            snprintf(err, errlen, "device type \"%s\" (schema %s): %s",
+                     t->name, t->schema_path ? t->schema_path : "inline",
+                     schema_err);
+            pipeline_destroy(p);
+            return ING_ECONFIG;
+        }
+    }
+    *out = p;
+    return 0;
+}
+
+void pipeline_destroy(pipeline_t *p)
+{
+    if (p == NULL)
+        return;
+    for (size_t i = 0; i < p->type_count; i++) {
+        free(p->types[i].name);
+        schema_free(p->types[i].schema);
+    }
+    free(p->types);
+    free(p);
+}
+
+int pipeline_spool_full(pipeline_t *p)
+{
+    return spool_is_full(p->spool);
+}
+
+pipeline_t *pipeline_loop_pipeline(pipeline_loop_t *pl)
+{
+    return pl->pipeline;
+}
+
+/* Runs on the loop thread after the spool writer handed over completed
+ * batches. The list is taken whole under the lock, then each completion
+ * runs without it. */
+static void on_completions(uv_async_t *handle)
+{
+    pipeline_loop_t *pl = handle->data;
+    pipeline_batch_t *list, *next;
+
+    pthread_mutex_lock(&pl->lock);
+    list = pl->completed;
+    pl->completed = NULL;
+    pthread_mutex_unlock(&pl->lock);
+
+    for (; list; list = next) {
+        next = list->next_completed;
+        list->next_completed = NULL;
+        pl->pending--;
+        list->done(list, list->status, list->done_arg);
+    }
+}
+
+pipeline_loop_t *pipeline_loop_attach(pipeline_t *p, uv_loop_t *loop)
+{
+    pipeline_loop_t *pl = calloc(1, sizeof(*pl));
+
+    if (pl == NULL)
+        return NULL;
+    pl->pipeline = p;
+    pl->loop = loop;
+    pthread_mutex_init(&pl->lock, NULL);
+    if (uv_async_init(loop, &pl->async, on_completions) != 0) {
+        pthread_mutex_destroy(&pl->lock);
+        free(pl);
+        return NULL;
+    }
+    pl->async.data = pl;
+    return pl;
+}
+
+static void on_async_closed(uv_handle_t *handle)
+{
+    pipeline_loop_t *pl = handle->data;
+
+    pthread_mutex_destroy(&pl->lock);
+    free(pl);
+}
+
+void pipeline_loop_detach(pipeline_loop_t *pl)
+{
+    if (pl->pending > 0) {
+        log_error("pipeline detached with batches pending",
+                  "pending=%zu", pl->pending);
+    }
+    uv_close((uv_handle_t *)&pl->async, on_async_closed);
+}
+
+size_t pipeline_loop_pending(pipeline_loop_t *pl)
+{
+    return pl->pending;
+}
+
+static void format_now(char *buf, size_t len)
+{
+    struct timespec ts;
+    struct tm tm;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    size_t n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(buf + n, len - n, ".%03ldZ", ts.tv_nsec / 1000000);
+}
+
+pipeline_batch_t *pipeline_batch_new(pipeline_loop_t *pl,
+                                     const auth_device_t *dev,
+                                     const char *protocol,
+                                     const char *content_type)
+{
+    pipeline_batch_t *b = calloc(1, sizeof(*b));
+
+    if (b == NULL)
+        return NULL;
+    b->pl = pl;
+    b->dev = *dev;
+    snprintf(b->protocol, sizeof(b->protocol), "%s", protocol);
+    if (content_type != NULL) {
+        b->content_type = strdup(content_type);
+        if (b->content_type == NULL)
+            goto error;
+    }
+    b->errors = json_array();
+    if (b->errors == NULL)
+        goto error;
+    b->schema = find_schema(pl->pipeline, dev->type);
+    format_now(b->received_at, sizeof(b->received_at));
+    return b;
+
+error:
+    free(b->content_type);
+    free(b);
+    return NULL;
+}
+
+/* Appends {"index":i,"errors":[{"pointer":p,"reason":r}, ...]}. */
+static int record_errors(pipeline_batch_t *b, size_t index,
+                         const validate_errors_t *errs, const char *pointer,
+                         const char *reason)
+{
+    json_t *list = json_array();
+    json_t *entry;
+
+    if (list == NULL)
+        return ING_ENOMEM;
+    if (errs != NULL) {
+        for (size_t i = 0; i < errs->count; i++) {
+            json_array_append_new(
+                list, json_pack("{s:s, s:s}", "pointer",
+                                errs->items[i].pointer, "reason",
+                                errs->items[i].reason));
+        }
+    } else {
+        json_array_append_new(
+            list, json_pack("{s:s, s:s}", "pointer", pointer, "reason", reason));
+    }
+    entry = json_pack("{s:I, s:o}", "index", (json_int_t)index, "errors", list);
+    if (entry == NULL)
+        return ING_ENOMEM;
+    return json_array_append_new(b->errors, entry) == 0 ? 0 : ING_ENOMEM;
+}
+
+static int append_envelope(pipeline_batch_t *b, const json_t *reading)
+{
+    envelope_t *e;
+    json_t *env;
+
+    if (b->accepted_count == b->accepted_cap) {
+        size_t cap = b->accepted_cap ? b->accepted_cap * 2 : 8;
+        envelope_t *grown = realloc(b->accepted, cap * sizeof(*grown));
+        if (grown == NULL)
+            return ING_ENOMEM;
+        b->accepted = grown;
+        b->accepted_cap = cap;
+    }
+    e = &b->accepted[b->accepted_count];
+    if (ids_uuid7(e->id) != 0)
+        return ING_EIO;
+    env = json_pack("{s:s, s:s, s:s, s:s, s:s}", "message_id", e->id,
+                    "device_id", b->dev.id, "device_type", b->dev.type,
+                    "protocol", b->protocol, "received_at", b->received_at);
+    if (env == NULL)
+        return ING_ENOMEM;
+    if (b->content_type != NULL)
+        json_object_set_new(env, "content_type",
+                            json_string(b->content_type));
+    /* The payload is borrowed; dumping it now means the caller may free
+     * the parsed reading as soon as this returns. */
+    json_object_set(env, "payload", (json_t *)reading);
+    e->json = json_dumps(env, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(env);
+    if (e->json == NULL)
+        return ING_ENOMEM;
+    e->len = strlen(e->json);
+    b->accepted_count++;
+    return 0;
+}
+
+int pipeline_batch_add(pipeline_batch_t *b, const json_t *reading)
+{
+    size_t index = b->count++;
+    validate_errors_t errs;
+    const json_t *claimed;
+    char reason[AUTH_DEVICE_ID_MAX * 2 + 96];
+    int n, rc;
+
+    /* A device speaks only for itself: a device_id field naming another
+     * device is rejected before validation. */
+    claimed = json_is_object(reading) ? json_object_get(reading, "device_id")
+                                      : NULL;
+    if (json_is_string(claimed) &&
+        strcmp(json_string_value(claimed), b->dev.id) != 0) {
+        snprintf(reason, sizeof(reason),
+                 "names device \"%.128s\", but the credentials belong to "
+                 "device \"%s\"",
+                 json_string_value(claimed), b->dev.id);
+        b->forbidden++;
+        rc = record_errors(b, index, NULL, "/device_id", reason);
+        return rc ? rc : PIPELINE_FORBIDDEN;
+    }
+    if (b->schema == NULL) {
+        snprintf(reason, sizeof(reason),
+                 "device type \"%s\" has no schema on this server; ask the "
+                 "operator to configure it",
+                 b->dev.type);
+        b->invalid++;
+        rc = record_errors(b, index, NULL, "", reason);
+        return rc ? rc : PIPELINE_INVALID;
+    }
+
+    validate_errors_init(&errs);
+    n = schema_validate(b->schema, reading, &errs);
+    if (n > 0) {
+        b->invalid++;
+        rc = record_errors(b, index, &errs, NULL, NULL);
+        validate_errors_clear(&errs);
+        return rc ? rc : PIPELINE_INVALID;
+    }
+    validate_errors_clear(&errs);
+    rc = append_envelope(b, reading);
+    return rc ? rc : PIPELINE_ACCEPTED;
+}
+
+void pipeline_batch_add_unparsable(pipeline_batch_t *b, const char *reason)
+{
+    size_t index = b->count++;
+
+    b->invalid++;
+    record_errors(b, index, NULL, "", reason);
+}
+
+size_t pipeline_batch_count(const pipeline_batch_t *b)
+{
+    return b->count;
+}
+
+size_t pipeline_batch_invalid(const pipeline_batch_t *b)
+{
+    return b->invalid;
+}
+
+size_t pipeline_batch_forbidden(const pipeline_batch_t *b)
+{
+    return b->forbidden;
+}
+
+json_t *pipeline_batch_errors(const pipeline_batch_t *b)
+{
+    return json_deep_copy(b->errors);
+}
+
+const char *pipeline_batch_id(const pipeline_batch_t *b, size_t i)
+{
+    return i < b->accepted_count ? b->accepted[i].id : NULL;
+}
+
+size_t pipeline_batch_accepted(const pipeline_batch_t *b)
+{
+    return b->accepted_count;
+}
+
+/* Runs on the spool writer thread: hand the batch to its loop. */
+static void on_spool_done(void *arg, int status)
+{
+    pipeline_batch_t *b = arg;
+    pipeline_loop_t *pl = b->pl;
+
+    b->status = status;
+    pthread_mutex_lock(&pl->lock);
+    b->next_completed = pl->completed;
+    pl->completed = b;
+    pthread_mutex_unlock(&pl->lock);
+    uv_async_send(&pl->async);
+}
+
+int pipeline_batch_submit(pipeline_batch_t *b, pipeline_done_fn done,
+                          void *arg)
+{
+    struct iovec stack_iov[16];
+    struct iovec *iov = stack_iov;
+    int rc;
+
+    if (b->invalid > 0 || b->forbidden > 0 || b->accepted_count == 0)
+        return ING_EINVAL;
+    if (b->accepted_count > 16) {
+        iov = malloc(b->accepted_count * sizeof(*iov));
+        if (iov == NULL)
+            return ING_ENOMEM;
+    }
+    for (size_t i = 0; i < b->accepted_count; i++) {
+        iov[i].iov_base = b->accepted[i].json;
+        iov[i].iov_len = b->accepted[i].len;
+    }
+    /* The completion may run on the writer thread before spool_append
+     * returns, so everything it reads is set first. */
+    b->done = done;
+    b->done_arg = arg;
+    b->pl->pending++;
+    rc = spool_append(b->pl->pipeline->spool, iov, b->accepted_count,
+                      on_spool_done, b);
+    if (rc != 0)
+        b->pl->pending--;
+    if (iov != stack_iov)
+        free(iov);
+    return rc;
+}
+
+void pipeline_batch_free(pipeline_batch_t *b)
+{
+    if (b == NULL)
+        return;
+    for (size_t i = 0; i < b->accepted_count; i++)
+        free(b->accepted[i].json);
+    free(b->accepted);
+    json_decref(b->errors);
+    free(b->content_type);
+    free(b);
+}
