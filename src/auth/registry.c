@@ -1,0 +1,282 @@
+/* Device registry changes made by the `ingestd device` commands. */
+#include <errno.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "auth/auth.h"
+#include "auth/auth_internal.h"
+#include "core/errors.h"
+#include "core/log.h"
+
+struct registry {
+    sqlite3 *db;
+    char *path;
+};
+
+/* Logs the last SQLite error of `r` and returns ING_EDB. */
+static int query_failed(registry_t *r, const char *what)
+{
+    char path[512];
+    char error[512];
+
+    log_error("registry query failed", "path=%s query=%s error=%s",
+              log_quote(path, sizeof(path), r->path), what,
+              log_quote(error, sizeof(error), sqlite3_errmsg(r->db)));
+    return ING_EDB;
+}
+
+/* Fails with a message naming the folder when the folder of `path` is
+ * missing, because SQLite would only report "unable to open database file".
+ * Creating the folder is left to the caller, which knows its permissions. */
+static int check_parent_folder(const char *path, char *err, size_t errlen)
+{
+    const char *slash = strrchr(path, '/');
+    struct stat st;
+    char *folder;
+    int rc = 0;
+
+    if (slash == NULL)
+        return 0;
+    if (slash == path)
+        return 0;
+    folder = strndup(path, (size_t)(slash - path));
+    if (folder == NULL)
+        return ING_ENOMEM;
+    if (stat(folder, &st) != 0) {
+        snprintf(err, errlen, "registry folder %s is not accessible: %s",
+                 folder, strerror(errno));
+        rc = ING_EDB;
+    } else if (!S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "registry folder %s is not a directory", folder);
+        rc = ING_EDB;
+    }
+    free(folder);
+    return rc;
+}
+
+/* Switches the database to WAL, so that the service keeps reading while a
+ * command writes. Some file systems cannot share WAL memory; the registry
+ * then still works with rollback journaling, only with more lock waits. */
+static void enable_wal(sqlite3 *db, const char *path)
+{
+    sqlite3_stmt *stmt = NULL;
+    const char *mode = NULL;
+    char quoted[512];
+
+    if (sqlite3_prepare_v2(db, "PRAGMA journal_mode = WAL", -1, &stmt, NULL) ==
+            SQLITE_OK &&
+        sqlite3_step(stmt) == SQLITE_ROW)
+        mode = (const char *)sqlite3_column_text(stmt, 0);
+    if (mode == NULL || strcmp(mode, "wal") != 0)
+        log_warn("registry WAL mode unavailable", "path=%s journal_mode=%s",
+                 log_quote(quoted, sizeof(quoted), path),
+                 mode ? mode : "unknown");
+    sqlite3_finalize(stmt);
+}
+
+int registry_open(const char *path, registry_t **out, char *err, size_t errlen)
+{
+    registry_t *r;
+    int rc;
+
+    *out = NULL;
+    rc = check_parent_folder(path, err, errlen);
+    if (rc != 0)
+        return rc;
+    r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return ING_ENOMEM;
+    r->path = strdup(path);
+    if (r->path == NULL) {
+        rc = ING_ENOMEM;
+        goto error;
+    }
+    if (sqlite3_open_v2(path, &r->db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
+                        NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "registry %s: open failed: %s", path,
+                 r->db ? sqlite3_errmsg(r->db) : "out of memory");
+        rc = ING_EDB;
+        goto error;
+    }
+    sqlite3_extended_result_codes(r->db, 1);
+    sqlite3_busy_timeout(r->db, AUTH_BUSY_TIMEOUT_MS);
+    enable_wal(r->db, path);
+    rc = auth_schema_migrate(r->db, path, err, errlen);
+    if (rc != 0)
+        goto error;
+    *out = r;
+    return 0;
+
+error:
+    registry_close(r);
+    return rc;
+}
+
+void registry_close(registry_t *r)
+{
+    if (r == NULL)
+        return;
+    sqlite3_close(r->db);
+    free(r->path);
+    free(r);
+}
+
+int registry_device_add(registry_t *r, const char *id, const char *type,
+                        char key[AUTH_KEY_LEN + 1])
+{
+    static const char sql[] =
+        "INSERT INTO devices (id, type, enabled, key_hash, created_ms)"
+        " VALUES (?1, ?2, 1, ?3, ?4)";
+    sqlite3_stmt *stmt = NULL;
+    uint8_t hash[AUTH_HASH_LEN];
+    int rc;
+
+    if (!auth_device_id_valid(id) || !auth_type_name_valid(type))
+        return ING_EINVAL;
+    rc = auth_key_generate(key, hash);
+    if (rc != 0)
+        goto done;
+    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
+        rc = query_failed(r, "insert device");
+        goto done;
+    }
+    sqlite3_bind_text(stmt, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 2, type, -1, SQLITE_STATIC);
+    sqlite3_bind_blob(stmt, 3, hash, sizeof(hash), SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 4, auth_now_ms());
+    rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE)
+        rc = 0;
+    else if (rc == SQLITE_CONSTRAINT_PRIMARYKEY)
+        rc = ING_EEXIST;
+    else
+        rc = query_failed(r, "insert device");
+
+done:
+    sqlite3_finalize(stmt);
+    if (rc != 0)
+        OPENSSL_cleanse(key, AUTH_KEY_LEN + 1);
+    return rc;
+}
+
+int registry_device_list(registry_t *r,
+                         void (*fn)(const registry_entry_t *e, void *arg),
+                         void *arg)
+{
+    static const char sql[] =
+        "SELECT id, type, enabled, created_ms, key_rotated_ms,"
+        " old_key_hash IS NOT NULL, old_key_expires_ms"
+        " FROM devices ORDER BY id";
+    sqlite3_stmt *stmt = NULL;
+    int64_t now = auth_now_ms();
+    int rc;
+
+    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
+        rc = query_failed(r, "list devices");
+        goto done;
+    }
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        registry_entry_t e;
+
+        e.id = (const char *)sqlite3_column_text(stmt, 0);
+        e.type = (const char *)sqlite3_column_text(stmt, 1);
+        e.enabled = sqlite3_column_int(stmt, 2) != 0;
+        e.created_ms = sqlite3_column_int64(stmt, 3);
+        e.key_rotated_ms = sqlite3_column_int64(stmt, 4);
+        e.old_key_expires_ms = 0;
+        /* A previous key whose grace period has ended no longer works, so
+         * it is reported like no previous key. */
+        if (sqlite3_column_int(stmt, 5) && sqlite3_column_int64(stmt, 6) > now)
+            e.old_key_expires_ms = sqlite3_column_int64(stmt, 6);
+        if (e.id == NULL || e.type == NULL) {
+            rc = query_failed(r, "list devices");
+            goto done;
+        }
+        fn(&e, arg);
+    }
+    if (rc == SQLITE_DONE)
+        rc = 0;
+    else
+        rc = query_failed(r, "list devices");
+
+done:
+    sqlite3_finalize(stmt);
+    return rc;
+}
+
+int registry_device_set_enabled(registry_t *r, const char *id, int enabled)
+{
+    static const char sql[] = "UPDATE devices SET enabled = ?1 WHERE id = ?2";
+    sqlite3_stmt *stmt = NULL;
+    int rc;
+
+    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
+        rc = query_failed(r, "set enabled");
+        goto done;
+    }
+    sqlite3_bind_int(stmt, 1, enabled ? 1 : 0);
+    sqlite3_bind_text(stmt, 2, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(stmt) != SQLITE_DONE) {
+        rc = query_failed(r, "set enabled");
+        goto done;
+    }
+    rc = sqlite3_changes(r->db) == 0 ? ING_ENOTFOUND : 0;
+
+done:
+    sqlite3_finalize(stmt);
+    return rc;
+}
+
+int registry_device_rotate_key(registry_t *r, const char *id, uint64_t grace_ms,
+                               char key[AUTH_KEY_LEN + 1])
+{
+    /* SQLite evaluates every SET expression against the row before the
+     * update, so old_key_hash receives the key hash being replaced. */
+    static const char keep_old_sql[] =
+        "UPDATE devices SET old_key_hash = key_hash,"
+        " old_key_expires_ms = ?3, key_hash = ?1, key_rotated_ms = ?2"
+        " WHERE id = ?4";
+    static const char revoke_old_sql[] =
+        "UPDATE devices SET old_key_hash = NULL,"
+        " old_key_expires_ms = NULL, key_hash = ?1, key_rotated_ms = ?2"
+        " WHERE id = ?4";
+    sqlite3_stmt *stmt = NULL;
+    uint8_t hash[AUTH_HASH_LEN];
+    int64_t now = auth_now_ms();
+    int64_t expires_ms;
+    int rc;
+
+    rc = auth_key_generate(key, hash);
+    if (rc != 0)
+        goto done;
+    if (sqlite3_prepare_v2(r->db, grace_ms > 0 ? keep_old_sql : revoke_old_sql,
+                           -1, &stmt, NULL) != SQLITE_OK) {
+        rc = query_failed(r, "rotate key");
+        goto done;
+    }
+    /* A grace period past the end of int64 milliseconds means "never". */
+    if (grace_ms > (uint64_t)(INT64_MAX - now))
+        expires_ms = INT64_MAX;
+    else
+        expires_ms = now + (int64_t)grace_ms;
+    sqlite3_bind_blob(stmt, 1, hash, sizeof(hash), SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 2, now);
+    if (grace_ms > 0)
+        sqlite3_bind_int64(stmt, 3, expires_ms);
+    sqlite3_bind_text(stmt, 4, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(stmt) != SQLITE_DONE) {
+        rc = query_failed(r, "rotate key");
+        goto done;
+    }
+    rc = sqlite3_changes(r->db) == 0 ? ING_ENOTFOUND : 0;
+
+done:
+    sqlite3_finalize(stmt);
+    if (rc != 0)
+        OPENSSL_cleanse(key, AUTH_KEY_LEN + 1);
+    return rc;
+}
