@@ -44,18 +44,20 @@ typedef struct registry_entry {
     const char *type;
     int enabled;
     int64_t created_ms;
-    int64_t key_rotated_ms;
-    int64_t old_key_expires_ms; /* 0 when there is no previous key */
+    int64_t key_rotated_ms;     /* 0 when the key was never rotated */
+    int64_t old_key_expires_ms; /* 0 when no previous key is in grace */
 } registry_entry_t;
 
-/* Opens (creating if needed) the registry at `path`. Returns 0, or ING_EDB
- * with a message in `err`. */
+/* Opens (creating if needed) the registry at `path` and migrates its schema.
+ * The folder of `path` must exist. Returns 0, ING_ENOMEM, or ING_EDB with a
+ * message in `err`. */
 int registry_open(const char *path, registry_t **out, char *err,
                   size_t errlen);
 void registry_close(registry_t *r);
 
 /* Adds a device and writes its new API key into `key`.
- * Returns 0, ING_EINVAL for an invalid id or type, ING_EEXIST, or ING_EDB. */
+ * Returns 0, ING_EINVAL for an invalid id or type, ING_EEXIST, ING_EDB, or
+ * ING_EIO when the random source fails. */
 int registry_device_add(registry_t *r, const char *id, const char *type,
                         char key[AUTH_KEY_LEN + 1]);
 
@@ -68,8 +70,10 @@ int registry_device_list(registry_t *r,
 int registry_device_set_enabled(registry_t *r, const char *id, int enabled);
 
 /* Gives the device a new key, written into `key`. The current key stays
- * valid for `grace_ms` more milliseconds (0 revokes it at once).
- * Returns 0, ING_ENOTFOUND or ING_EDB. */
+ * valid for `grace_ms` more milliseconds (0 revokes it at once). A key from
+ * an earlier rotation that is still in grace is revoked.
+ * Returns 0, ING_ENOTFOUND, ING_EDB, or ING_EIO when the random source
+ * fails. */
 int registry_device_rotate_key(registry_t *r, const char *id,
                                uint64_t grace_ms, char key[AUTH_KEY_LEN + 1]);
 
@@ -78,7 +82,7 @@ int registry_device_rotate_key(registry_t *r, const char *id,
 typedef struct auth auth_t;
 
 /* Opens the registry at `path` read-only and loads a first snapshot.
- * Returns 0, or ING_EDB with a message in `err`. */
+ * Returns 0, ING_ENOMEM, or ING_EDB with a message in `err`. */
 int auth_open(const char *path, auth_t **out, char *err, size_t errlen);
 
 /* Rebuilds the snapshot from the database. On failure the previous
@@ -90,7 +94,8 @@ int auth_reload(auth_t *a);
 int auth_reload_if_changed(auth_t *a);
 
 /* Authenticates an API key. On AUTH_OK and AUTH_DISABLED fills `dev`.
- * Thread-safe and lock-free for readers apart from a reference count. */
+ * Thread-safe. A reader holds a mutex only to take a reference on the
+ * current snapshot, so a reload never blocks it longer than a pointer swap. */
 enum auth_result auth_check_key(auth_t *a, const char *key, size_t len,
                                 auth_device_t *dev);
 

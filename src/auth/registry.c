@@ -17,20 +17,21 @@ struct registry {
 };
 
 /* Logs the last SQLite error of `r` and returns ING_EDB. */
-static int query_failed(registry_t *r, const char *what)
+static int query_failed(registry_t *r, const char *query)
 {
     char path[512];
     char error[512];
 
     log_error("registry query failed", "path=%s query=%s error=%s",
-              log_quote(path, sizeof(path), r->path), what,
+              log_quote(path, sizeof(path), r->path), query,
               log_quote(error, sizeof(error), sqlite3_errmsg(r->db)));
     return ING_EDB;
 }
 
 /* Fails with a message naming the folder when the folder of `path` is
  * missing, because SQLite would only report "unable to open database file".
- * Creating the folder is left to the caller, which knows its permissions. */
+ * Creating the folder is left to the caller, which chooses its owner and
+ * mode. */
 static int check_parent_folder(const char *path, char *err, size_t errlen)
 {
     const char *slash = strrchr(path, '/');
@@ -58,8 +59,8 @@ static int check_parent_folder(const char *path, char *err, size_t errlen)
 }
 
 /* Switches the database to WAL, so that the service keeps reading while a
- * command writes. Some file systems cannot share WAL memory; the registry
- * then still works with rollback journaling, only with more lock waits. */
+ * command writes. Some file systems cannot share WAL memory. There the
+ * registry keeps rollback journaling, which works but waits on locks more. */
 static void enable_wal(sqlite3 *db, const char *path)
 {
     sqlite3_stmt *stmt = NULL;

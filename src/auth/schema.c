@@ -1,6 +1,6 @@
 /* Registry schema and its migrations.
  *
- * PRAGMA user_version holds the number of migrations applied. To change the
+ * PRAGMA user_version is the number of migrations applied. To change the
  * schema, append a step to `migrations` and never edit a released one, so
  * that every older database walks the same path to the latest version.
  */

@@ -3,7 +3,7 @@
  *
  * A snapshot is immutable once built. Readers pin the current one with a
  * reference count, and a reload builds a new snapshot and swaps the pointer,
- * so a request never waits for SQLite and never sees a half-built table.
+ * so a request never waits for SQLite and never reads a half-built table.
  */
 #include <openssl/crypto.h>
 #include <pthread.h>
@@ -38,7 +38,7 @@ struct snapshot {
     atomic_size_t refs;
     size_t device_count;
     struct snapshot_device *devices;
-    size_t slot_mask; /* slot count minus one; the count is a power of 2 */
+    size_t slot_mask; /* slot count minus one, and the count is a power of 2 */
     struct key_slot *slots;
 };
 
@@ -196,13 +196,13 @@ done:
     return rc;
 }
 
-static int query_failed(auth_t *a, const char *what)
+static int query_failed(auth_t *a, const char *query)
 {
     char path[512];
     char error[512];
 
     log_error("registry query failed", "path=%s query=%s error=%s",
-              log_quote(path, sizeof(path), a->path), what,
+              log_quote(path, sizeof(path), a->path), query,
               log_quote(error, sizeof(error), sqlite3_errmsg(a->db)));
     return ING_EDB;
 }
@@ -251,8 +251,8 @@ static int snapshot_build(auth_t *a, struct snapshot **out)
             rc = query_failed(a, "load devices");
             goto done;
         }
-        /* The transaction keeps the row count fixed; the check only guards
-         * the array bounds. */
+        /* The transaction keeps the row count fixed. This check only
+         * guards the array bounds. */
         if (s->device_count == (size_t)count)
             break;
         rc = add_row(a, stmt, s, &list, now);
