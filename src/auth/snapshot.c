@@ -232,9 +232,13 @@ static int snapshot_build(auth_t *a, struct snapshot **out)
         goto done;
     }
     s = calloc(1, sizeof(*s));
-    if (s == NULL ||
-        (count > 0 &&
-         (s->devices = calloc((size_t)count, sizeof(*s->devices))) == NULL)) {
+    if (s == NULL) {
+        rc = ING_ENOMEM;
+        goto done;
+    }
+    /* One extra element keeps calloc from returning NULL for count 0. */
+    s->devices = calloc((size_t)count + 1, sizeof(*s->devices));
+    if (s->devices == NULL) {
         rc = ING_ENOMEM;
         goto done;
     }
@@ -299,8 +303,9 @@ static int reload_locked(auth_t *a)
     if (old != NULL)
         snapshot_release(old);
 
-    log_info("registry loaded", "path=%s devices=%zu",
-             log_quote(quoted, sizeof(quoted), a->path), fresh->device_count);
+    /* Debug level, because the service logs each reload it triggers. */
+    log_debug("registry loaded", "path=%s devices=%zu",
+              log_quote(quoted, sizeof(quoted), a->path), fresh->device_count);
     return 0;
 }
 
