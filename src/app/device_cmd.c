@@ -61,8 +61,7 @@ static int open_registry(const config_t *cfg, registry_t **reg)
     }
     free(dir);
     if (registry_open(cfg->registry.path, reg, err, sizeof(err)) != 0) {
-        fprintf(stderr, "ingestd: cannot open registry %s: %s\n",
-                cfg->registry.path, err);
+        fprintf(stderr, "ingestd: %s\n", err);
         return 1;
     }
     return 0;
