@@ -68,7 +68,7 @@ typedef struct config {
     } http;
 
     struct {
-        char *listen; /* host:port, NULL or "" to disable */
+        char *listen; /* host:port, or NULL when the file sets "" */
     } admin;
 
     struct {
@@ -88,15 +88,16 @@ typedef struct config {
 } config_t;
 
 /* Loads and checks `path`. On success stores a new config in `*out` and
- * returns 0. On failure returns ING_ECONFIG and writes a message such as
- * "config/ingestd.yaml:12: http.max_body_bytes: expected a size such as
- * 1MiB, got \"lots\"" into `err`. */
+ * returns 0. On failure returns ING_ECONFIG (or ING_ENOMEM) and writes a
+ * message such as "config/ingestd.yaml:12: http.max_body_bytes: expected a
+ * size such as 1MiB, got \"lots\"" into `err`. */
 int config_load(const char *path, config_t **out, char *err, size_t errlen);
 
 /* Finds a device type by name. Returns NULL when there is none. */
 const config_device_type_t *config_device_type(const config_t *cfg,
                                                const char *name);
 
+/* Frees `cfg` and everything it owns, schemas included. Accepts NULL. */
 void config_free(config_t *cfg);
 
 /* Parsers shared with the command line. Each returns 0 or ING_EINVAL. */
