@@ -1,0 +1,399 @@
+/* POST /v1/data: authenticates the device, parses the readings and hands
+ * them to the pipeline as one batch.
+ *
+ * A batch is all or nothing: if any reading is unparsable, invalid or
+ * names another device, nothing is stored and the answer lists every
+ * rejected reading, so that a device never has to work out which part of
+ * a request was kept.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "core/errors.h"
+#include "http/http_internal.h"
+
+static void retry_after_header(const http_listener_t *l, char *buf,
+                               size_t size)
+{
+    snprintf(buf, size, "Retry-After: %llu\r\n",
+             (unsigned long long)l->limits.retry_after_s);
+}
+
+/* Checks the API key. Returns 1 when the device may send. */
+static int authenticate(http_conn_t *c, http_request_t *r)
+{
+    enum auth_result res = AUTH_UNKNOWN_KEY;
+
+    if (r->key_len == 0 && !r->key_overflow) {
+        http_request_reject(c, 401, "missing_credentials",
+                            "no API key was sent; send it as "
+                            "\"Authorization: Bearer KEY\" or "
+                            "\"X-API-Key: KEY\"",
+                            "WWW-Authenticate: Bearer\r\n",
+                            HTTP_REJECT_AFTER_BODY, NULL);
+        return 0;
+    }
+    if (!r->key_overflow)
+        res = auth_check_key(c->listener->auth, r->key, r->key_len, &r->dev);
+    if (res == AUTH_UNKNOWN_KEY) {
+        http_request_reject(c, 401, "invalid_credentials",
+                            "the API key is unknown or expired; use the key "
+                            "that \"ingestd device add\" or \"rotate-key\" "
+                            "printed",
+                            "WWW-Authenticate: Bearer error=\"invalid_token\""
+                            "\r\n",
+                            HTTP_REJECT_AFTER_BODY, NULL);
+        return 0;
+    }
+    r->have_dev = 1;
+    if (res == AUTH_DISABLED) {
+        http_request_reject(c, 403, "device_disabled",
+                            "this device is disabled; ask the operator to "
+                            "enable it",
+                            NULL, HTTP_REJECT_AFTER_BODY, NULL);
+        return 0;
+    }
+    return 1;
+}
+
+static void api_check(http_conn_t *c, http_request_t *r)
+{
+    http_listener_t *l = c->listener;
+    const llhttp_t *p = &c->parser;
+    char headers[64];
+
+    if (!authenticate(c, r))
+        return;
+    if (!(p->flags & (F_CONTENT_LENGTH | F_CHUNKED))) {
+        /* Without framing any body bytes would be read as the next
+         * request, so the connection closes after the answer. */
+        http_request_reject(c, 411, "length_required",
+                            "a request body needs Content-Length or "
+                            "Transfer-Encoding: chunked",
+                            NULL, HTTP_REJECT_AFTER_BODY_CLOSE,
+                            "length_required");
+        return;
+    }
+    if ((p->flags & F_CONTENT_LENGTH) &&
+        p->content_length > l->limits.max_body_bytes) {
+        http_request_reject(c, 413, "body_too_large",
+                            "the request body is over the size limit; "
+                            "send fewer readings per request",
+                            NULL, HTTP_REJECT_NOW, "too_large");
+        return;
+    }
+    r->ctype = r->has_content_type
+                   ? http_content_type_parse(r->content_type)
+                   : HTTP_CT_UNSUPPORTED;
+    if (r->ctype == HTTP_CT_UNSUPPORTED) {
+        http_request_reject(c, 415, "unsupported_media_type",
+                            "the Content-Type is missing or not supported; "
+                            "send " HTTP_SUPPORTED_TYPES
+                            " with charset utf-8 or no charset",
+                            NULL, HTTP_REJECT_AFTER_BODY, NULL);
+        return;
+    }
+    if (pipeline_spool_full(pipeline_loop_pipeline(l->pl))) {
+        retry_after_header(l, headers, sizeof(headers));
+        http_request_reject(c, 503, "spool_full",
+                            "the server's storage is full; retry after the "
+                            "Retry-After delay",
+                            headers, HTTP_REJECT_NOW, "spool_full");
+    }
+}
+
+/* Counts a request's readings against max_readings_per_request and answers
+ * when there are none or too many. Returns 1 when the count is fine. */
+static int count_ok(http_conn_t *c, size_t n)
+{
+    char message[160];
+
+    if (n == 0) {
+        http_conn_error(c, 400, "empty_body",
+                        "the request contains no readings; send at least "
+                        "one JSON object",
+                        NULL);
+        return 0;
+    }
+    if (n > c->listener->limits.max_readings) {
+        snprintf(message, sizeof(message),
+                 "the request contains %zu readings, the limit is %llu; "
+                 "split it into smaller requests",
+                 n, (unsigned long long)c->listener->limits.max_readings);
+        http_conn_error(c, 413, "too_many_readings", message, NULL);
+        return 0;
+    }
+    return 1;
+}
+
+static pipeline_batch_t *new_batch(http_conn_t *c, http_request_t *r)
+{
+    pipeline_batch_t *b = pipeline_batch_new(
+        c->listener->pl, &r->dev, "http",
+        r->ctype == HTTP_CT_JSON ? "application/json"
+                                 : "application/x-ndjson");
+
+    if (b == NULL)
+        http_conn_error(c, 500, "out_of_memory",
+                        "the server ran out of memory; retry later", NULL);
+    return b;
+}
+
+/* Adds one parsed value, which must be an object. Returns 0 or
+ * ING_ENOMEM. */
+static int add_value(http_request_t *r, pipeline_batch_t *b,
+                     const json_t *value)
+{
+    if (!json_is_object(value)) {
+        pipeline_batch_add_unparsable(b, "must be an object");
+        r->unparsable++;
+        return 0;
+    }
+    return pipeline_batch_add(b, value) < 0 ? ING_ENOMEM : 0;
+}
+
+/* Parses an application/json body. Returns the filled batch, or NULL
+ * after answering. */
+static pipeline_batch_t *add_json(http_conn_t *c, http_request_t *r)
+{
+    json_error_t error;
+    json_t *root = json_loadb(r->body, r->body_len, 0, &error);
+    pipeline_batch_t *b = NULL;
+    char message[256];
+    size_t n;
+
+    if (root == NULL) {
+        snprintf(message, sizeof(message),
+                 "invalid JSON at line %d column %d: %s", error.line,
+                 error.column, error.text);
+        http_conn_error(c, 400, "invalid_json", message, NULL);
+        return NULL;
+    }
+    n = json_is_array(root) ? json_array_size(root) : 1;
+    if (!count_ok(c, n) || (b = new_batch(c, r)) == NULL)
+        goto done;
+    for (size_t i = 0; i < n; i++) {
+        const json_t *v = json_is_array(root) ? json_array_get(root, i) : root;
+        if (add_value(r, b, v) != 0) {
+            pipeline_batch_free(b);
+            b = NULL;
+            http_conn_error(c, 500, "out_of_memory",
+                            "the server ran out of memory; retry later",
+                            NULL);
+            break;
+        }
+    }
+done:
+    json_decref(root);
+    return b;
+}
+
+/* Adds one NDJSON line, recording a parse error as an unparsable reading
+ * of that index. */
+static int add_line(http_request_t *r, pipeline_batch_t *b, const char *line,
+                    size_t len)
+{
+    json_error_t error;
+    json_t *value = json_loadb(line, len, 0, &error);
+    char reason[256];
+    int rc;
+
+    if (value == NULL) {
+        snprintf(reason, sizeof(reason), "invalid JSON at column %d: %s",
+                 error.column, error.text);
+        pipeline_batch_add_unparsable(b, reason);
+        r->unparsable++;
+        return 0;
+    }
+    rc = add_value(r, b, value);
+    json_decref(value);
+    return rc;
+}
+
+/* Parses an NDJSON body. Returns the filled batch, or NULL after
+ * answering. */
+static pipeline_batch_t *add_ndjson(http_conn_t *c, http_request_t *r)
+{
+    const char *line;
+    size_t len, off = 0, n = 0;
+    pipeline_batch_t *b;
+
+    while (http_ndjson_next(r->body, r->body_len, &off, &line, &len))
+        n++;
+    if (!count_ok(c, n) || (b = new_batch(c, r)) == NULL)
+        return NULL;
+    off = 0;
+    while (http_ndjson_next(r->body, r->body_len, &off, &line, &len)) {
+        if (add_line(r, b, line, len) != 0) {
+            pipeline_batch_free(b);
+            http_conn_error(c, 500, "out_of_memory",
+                            "the server ran out of memory; retry later",
+                            NULL);
+            return NULL;
+        }
+    }
+    return b;
+}
+
+/* Answers 403 or 400 for a batch with rejected readings. */
+static void reject_batch(http_conn_t *c, http_request_t *r,
+                         pipeline_batch_t *b)
+{
+    json_t *errors = pipeline_batch_errors(b);
+    size_t total = pipeline_batch_count(b);
+    size_t forbidden = pipeline_batch_forbidden(b);
+    size_t invalid = pipeline_batch_invalid(b);
+    http_response_t resp = {0};
+    char message[256];
+    int rc;
+
+    /* The pipeline counts unparsable readings as invalid. */
+    http_metrics_readings(HTTP_READING_FORBIDDEN, forbidden);
+    http_metrics_readings(HTTP_READING_UNPARSABLE, r->unparsable);
+    http_metrics_readings(HTTP_READING_INVALID, invalid - r->unparsable);
+    if (forbidden > 0) {
+        snprintf(message, sizeof(message),
+                 "%zu of %zu readings name another device in device_id; a "
+                 "device may only send its own readings. Nothing was "
+                 "stored.",
+                 forbidden, total);
+        rc = http_response_error(&resp, 403, "device_mismatch", message, NULL,
+                                 errors);
+    } else {
+        snprintf(message, sizeof(message),
+                 "%zu of %zu readings failed validation; nothing was "
+                 "stored. Fix them and resend the request.",
+                 invalid, total);
+        rc = http_response_error(&resp, 400, "validation_failed", message,
+                                 NULL, errors);
+    }
+    json_decref(errors);
+    if (rc != 0) {
+        http_conn_close(c);
+        return;
+    }
+    http_conn_respond(c, &resp);
+}
+
+static void answer_accepted(http_conn_t *c, pipeline_batch_t *b)
+{
+    size_t n = pipeline_batch_accepted(b);
+    json_t *ids = json_array();
+    json_t *body = json_object();
+    http_response_t resp = {0};
+    int rc = -1;
+
+    if (ids == NULL || body == NULL)
+        goto done;
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(ids, json_string(pipeline_batch_id(b, i)));
+    json_object_set_new(body, "accepted", json_integer((json_int_t)n));
+    json_object_set(body, "ids", ids);
+    rc = http_response_json(&resp, 202, body);
+done:
+    json_decref(ids);
+    json_decref(body);
+    http_metrics_readings(HTTP_READING_ACCEPTED, n);
+    if (rc != 0) {
+        http_conn_close(c);
+        return;
+    }
+    http_conn_respond(c, &resp);
+}
+
+/* Answers a batch that was not stored: 503 when retrying later can help,
+ * 413 when the batch can never fit, 500 otherwise. */
+static void answer_failed(http_conn_t *c, int status)
+{
+    char headers[64];
+
+    retry_after_header(c->listener, headers, sizeof(headers));
+    switch (status) {
+    case ING_EFULL:
+        http_conn_error(c, 503, "spool_full",
+                        "the server's storage is full; the readings were "
+                        "not stored, retry after the Retry-After delay",
+                        headers);
+        break;
+    case ING_ESHUTDOWN:
+        http_conn_error(c, 503, "shutting_down",
+                        "the server is shutting down; the readings were "
+                        "not stored, retry after the Retry-After delay",
+                        headers);
+        break;
+    case ING_ETOOBIG:
+        http_conn_error(c, 413, "body_too_large",
+                        "the batch is too large to store as one unit; "
+                        "send fewer readings per request",
+                        NULL);
+        break;
+    default:
+        http_conn_error(c, 500, "storage_failed",
+                        "storage failed; the readings were not stored, "
+                        "retry",
+                        NULL);
+        break;
+    }
+}
+
+static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
+{
+    http_conn_t *c = arg;
+
+    /* The connection may have closed while the batch was pending; then
+     * nobody waits for the answer. */
+    if (http_conn_release(c)) {
+        c->req.batch = NULL;
+        if (status == 0)
+            answer_accepted(c, b);
+        else
+            answer_failed(c, status);
+    }
+    pipeline_batch_free(b);
+}
+
+static void submit(http_conn_t *c, http_request_t *r, pipeline_batch_t *b)
+{
+    int rc;
+
+    r->batch = b;
+    http_conn_hold(c);
+    rc = pipeline_batch_submit(b, on_batch_done, c);
+    if (rc == 0)
+        return;
+    http_conn_release(c);
+    r->batch = NULL;
+    pipeline_batch_free(b);
+    answer_failed(c, rc);
+}
+
+static void api_handle(http_conn_t *c, http_request_t *r)
+{
+    pipeline_batch_t *b;
+
+    if (r->body_len == 0) {
+        http_conn_error(c, 400, "empty_body",
+                        "the request body is empty; send at least one "
+                        "JSON object",
+                        NULL);
+        return;
+    }
+    b = r->ctype == HTTP_CT_JSON ? add_json(c, r) : add_ndjson(c, r);
+    if (b == NULL)
+        return;
+    if (pipeline_batch_invalid(b) > 0 || pipeline_batch_forbidden(b) > 0) {
+        reject_batch(c, r, b);
+        pipeline_batch_free(b);
+        return;
+    }
+    submit(c, r, b);
+}
+
+const http_route_t http_api_routes[] = {
+    {"/v1/data", "POST", api_check, api_handle},
+};
+const size_t http_api_route_count =
+    sizeof(http_api_routes) / sizeof(http_api_routes[0]);
