@@ -340,7 +340,7 @@ static void framing_error(http_conn_t *c, llhttp_errno_t err)
     char message[256];
 
     if (err == HPE_UNEXPECTED_CONTENT_LENGTH) {
-        http_request_reject(c, 400, "conflicting_framing",
+        http_request_reject(c, 400, "bad_request",
                             "the request has both Content-Length and "
                             "Transfer-Encoding; send only one of them",
                             NULL, HTTP_REJECT_NOW, "bad_framing");
