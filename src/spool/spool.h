@@ -50,7 +50,10 @@ int spool_open(const spool_options_t *opts, spool_t **out, char *err,
  * `done` is called once, for the whole unit.
  * Returns 0; ING_EFULL when the spool holds max_size bytes or more (the
  * caller answers "try later", nothing is queued); ING_ETOOBIG for a payload
- * over max_record; ING_ESHUTDOWN after spool_close started. */
+ * over max_record; ING_EINVAL for an empty payload (an all-zero frame is
+ * what a crash can leave behind, so it is never valid); ING_ENOMEM;
+ * ING_ESHUTDOWN after spool_close started. A max_size of 0 means no limit,
+ * and a max_record of 0 means the frame format's limit of 4 GiB - 1. */
 int spool_append(spool_t *s, const struct iovec *payloads, size_t count,
                  spool_done_fn done, void *arg);
 
@@ -64,8 +67,8 @@ int spool_is_full(spool_t *s);
 /* Position just past the last durable record. */
 spool_pos_t spool_durable_end(spool_t *s);
 
-/* Number of records appended since open, and the histogram source: each
- * fdatasync's duration in seconds is passed to `observe` when set. */
+/* Sets the histogram source: each fdatasync's duration in seconds is
+ * passed to `observe`, on the writer thread, when set. */
 void spool_set_sync_observer(spool_t *s, void (*observe)(double seconds));
 
 /* Stops accepting appends, writes and syncs what is queued (running its
@@ -84,14 +87,20 @@ typedef struct spool_record {
 
 /* Opens the reader `name` (a sink's name), which starts at its committed
  * cursor, stored in `dir`/cursors/`name`, or at the oldest record when it
- * has none. Returns 0 or a negative ing_error. */
+ * has none. The cursor file is created at once, and every cursor file
+ * holds back segment deletion, also while its reader is closed. `name` is
+ * 1 to 64 characters of [A-Za-z0-9_.-] and does not start with a dot.
+ * Returns 0, ING_EINVAL for a bad name, ING_EEXIST when a reader of that
+ * name is open, ING_EIO or ING_ENOMEM. */
 int spool_reader_open(spool_t *s, const char *name, spool_reader_t **out);
 
 /* Reads up to `max` durable records after the reader's read position into
- * `recs`, waiting up to `timeout_ms` when none is available.
+ * `recs`, waiting up to `timeout_ms` when none is available (a negative
+ * timeout waits until data, spool_reader_wake or spool_close).
  * Stores the number read in `*n` (0 on timeout). Returns 0, ING_ECORRUPT
  * when a record fails its checksum (logged; the reader skips to the next
- * segment), or ING_ESHUTDOWN when the spool is closing. */
+ * segment), ING_EIO when reading a segment failed (retry later), or
+ * ING_ESHUTDOWN when the spool is closing. */
 int spool_reader_next(spool_reader_t *r, spool_record_t *recs, size_t max,
                       int timeout_ms, size_t *n);
 
@@ -102,12 +111,12 @@ void spool_reader_rewind(spool_reader_t *r);
 /* Durably records that everything before `pos` was delivered: writes the
  * cursor file atomically (write, fsync, rename, fsync of the folder).
  * Segments that every reader has committed past are then deleted.
- * Returns 0 or ING_EIO. */
+ * A `pos` at or before the committed cursor changes nothing. Returns 0,
+ * ING_EINVAL for a `pos` past the durable end, or ING_EIO. */
 int spool_reader_commit(spool_reader_t *r, spool_pos_t pos);
 
-/* The committed cursor, and the lag behind the durable end in bytes and in
- * records (the record count is exact for what the reader has scanned and
- * estimated from the average record size beyond it). */
+/* The committed cursor, and the committed cursor's lag behind the durable
+ * end in bytes. Both are safe to call from any thread. */
 spool_pos_t spool_reader_committed(spool_reader_t *r);
 uint64_t spool_reader_lag_bytes(spool_reader_t *r);
 
