@@ -840,6 +840,26 @@ static void config_error_fits_small_buffer(void **state)
                      ING_ECONFIG);
 }
 
+/* The documented example must stay loadable. CMake's test runner sets
+ * INGESTD_SOURCE_DIR to the repository root. */
+static void config_example_file_loads(void **state)
+{
+    const char *source_dir = getenv("INGESTD_SOURCE_DIR");
+    char path[PATH_MAX], expected[PATH_MAX], err[512];
+    config_t *cfg = NULL;
+
+    if (!source_dir)
+        skip();
+    format_text(path, sizeof path, "%s/config/ingestd.yaml", source_dir);
+    assert_int_equal(config_load(path, &cfg, err, sizeof err), 0);
+    assert_non_null(realpath(source_dir, expected));
+    strncat(expected, "/data", sizeof expected - strlen(expected) - 1);
+    assert_string_equal(cfg->data_dir, expected);
+    assert_int_equal(cfg->device_type_count, 1);
+    assert_int_equal(cfg->sink_count, 1);
+    config_free(cfg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -885,6 +905,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(config_error_fits_small_buffer, setup,
                                         teardown),
+        cmocka_unit_test(config_example_file_loads),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
