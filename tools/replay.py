@@ -47,9 +47,13 @@ KINDS = {
 SHAPES = (("single", 0.70), ("array", 0.15), ("ndjson", 0.15))
 MAX_BATCH = 10
 
-# Ways to make a reading invalid on purpose. "bad_json" breaks the encoding;
-# the others break the default schema.
-INVALID_KINDS = ("range", "missing", "type", "timestamp", "bad_json")
+# Ways to make a reading invalid on purpose. "bad_json" breaks the
+# encoding and the others break the default schema. A schema that checks
+# only device_id and sensor_value rejects sensor_range, missing_value,
+# wrong_type and bad_json, so --invalid-kinds can limit the set to those.
+INVALID_KINDS = ("sensor_range", "field_range", "missing_value",
+                 "missing_timestamp", "wrong_type", "bad_timestamp",
+                 "bad_json")
 
 # HTTP statuses and error codes that each expectation allows.
 EXPECT_ACCEPT = "accept"
@@ -294,24 +298,27 @@ def format_timestamp(t, rng):
         timespec="seconds")
 
 
-def make_invalid(reading, rng):
-    """Break a reading on purpose. Return (kind, value), where value is a
-    dict that violates the schema or, for bad_json, a string that is not
-    JSON."""
-    kind = rng.choice(INVALID_KINDS)
+def make_invalid(reading, kinds, rng):
+    """Break a reading on purpose in one of `kinds`. Return (kind, value),
+    where value is a dict that violates the schema or, for bad_json, a
+    string that is not JSON."""
+    kind = rng.choice(kinds)
     r = dict(reading)
-    if kind == "range":
-        field = rng.choice(("sensor_value", "sensor_value", "humidity",
-                            "temperature", "battery"))
-        r[field] = {"sensor_value": rng.choice((-3.5, 100.5, 250)),
-                    "humidity": 104.2, "temperature": 180.0,
-                    "battery": -1}[field]
-    elif kind == "missing":
-        del r[rng.choice(("sensor_value", "timestamp"))]
-    elif kind == "type":
+    if kind == "sensor_range":
+        r["sensor_value"] = rng.choice((-3.5, 100.5, 250))
+    elif kind == "field_range":
+        field, value = rng.choice((("temperature", 180.0),
+                                   ("temperature", -95.0),
+                                   ("humidity", 104.2), ("battery", -1)))
+        r[field] = value
+    elif kind == "missing_value":
+        del r["sensor_value"]
+    elif kind == "missing_timestamp":
+        del r["timestamp"]
+    elif kind == "wrong_type":
         r["sensor_value"] = rng.choice((str(r["sensor_value"]), None,
-                                        [r["sensor_value"]]))
-    elif kind == "timestamp":
+                                        [r["sensor_value"]], True))
+    elif kind == "bad_timestamp":
         r["timestamp"] = rng.choice(("2026-13-40T25:61:00Z", "yesterday",
                                      "17:00:00"))
     else:
@@ -376,7 +383,8 @@ class Generator:
             reading["device_id"] = device_id
             value = reading
             if not unknown and rng.random() < self.args.invalid_rate:
-                kind, value = make_invalid(reading, rng)
+                kind, value = make_invalid(reading, self.args.invalid_kinds,
+                                           rng)
                 invalid.add(i)
                 if kind == "bad_json" and shape != "ndjson":
                     broken = True
@@ -792,6 +800,9 @@ def parse_args(argv):
     p.add_argument("--invalid-rate", type=float, default=0.03,
                    help="share of readings made invalid on purpose "
                    "(default 0.03)")
+    p.add_argument("--invalid-kinds", default=",".join(INVALID_KINDS),
+                   help="comma-separated ways to break readings (default: "
+                   "all of " + ", ".join(INVALID_KINDS) + ")")
     p.add_argument("--unknown-rate", type=float, default=0.01,
                    help="share of requests sent with a random unknown key "
                    "(default 0.01)")
@@ -831,6 +842,13 @@ def parse_args(argv):
     for ok, message in checks:
         if not ok:
             p.error(message)
+    kinds = tuple(k.strip() for k in args.invalid_kinds.split(",")
+                  if k.strip())
+    unknown = [k for k in kinds if k not in INVALID_KINDS]
+    if not kinds or unknown:
+        p.error(f"--invalid-kinds: invalid kind {', '.join(unknown)!r}; use "
+                f"some of {', '.join(INVALID_KINDS)}")
+    args.invalid_kinds = kinds
     return args
 
 
