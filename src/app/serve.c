@@ -309,11 +309,6 @@ static void observe_fsync(double seconds)
         metrics_histogram_observe(the_server->fsync_seconds, seconds);
 }
 
-static int64_t gauge_spool_bytes(void *arg)
-{
-    return (int64_t)spool_size_bytes(arg);
-}
-
 static int64_t gauge_devices(void *arg)
 {
     return (int64_t)auth_device_count(arg);
@@ -333,10 +328,6 @@ static void register_metrics(server_t *s)
         "ingestd_spool_fsync_seconds",
         "Duration of each spool fdatasync, which covers one commit group.",
         NULL);
-    metrics_gauge_func("ingestd_spool_bytes",
-                       "Bytes held in spool segments, including queued "
-                       "records.",
-                       NULL, gauge_spool_bytes, s->spool);
     metrics_gauge_func("ingestd_registry_devices",
                        "Devices in the loaded registry snapshot.", NULL,
                        gauge_devices, s->auth);
@@ -520,7 +511,7 @@ int app_serve(const char *config_path)
     stop_everything(s);
     uv_loop_close(s->main_loop);
     free(s->workers);
-    log_info("ingestd stopped", "%s", "");
+    log_info("ingestd stopped", "version=%s", INGESTD_VERSION);
     config_free(s->cfg);
     return 0;
 }
