@@ -1,6 +1,7 @@
 /* Helpers shared by the spool and sink unit tests: temporary folders,
- * completion counting and blocking appends. Included by one test file
- * each, so everything is static.
+ * completion counting and blocking appends. Each test program includes
+ * it once, and the functions are static inline so that a program may
+ * leave some unused.
  */
 #ifndef INGESTD_TESTS_TEST_SPOOL_UTIL_H
 #define INGESTD_TESTS_TEST_SPOOL_UTIL_H
@@ -25,7 +26,7 @@ typedef struct waiter {
     int last_status;
 } waiter_t;
 
-static void waiter_init(waiter_t *w)
+static inline void waiter_init(waiter_t *w)
 {
     pthread_mutex_init(&w->lock, NULL);
     pthread_cond_init(&w->cv, NULL);
@@ -34,7 +35,7 @@ static void waiter_init(waiter_t *w)
     w->last_status = 0;
 }
 
-static void on_waiter_done(void *arg, int status)
+static inline void on_waiter_done(void *arg, int status)
 {
     waiter_t *w = arg;
 
@@ -49,7 +50,7 @@ static void on_waiter_done(void *arg, int status)
 
 /* Blocks until `calls` completions ran. No deadline: a lost completion
  * shows as a test that hangs until ctest's timeout. */
-static void waiter_wait(waiter_t *w, int calls)
+static inline void waiter_wait(waiter_t *w, int calls)
 {
     pthread_mutex_lock(&w->lock);
     while (w->calls < calls)
@@ -59,7 +60,7 @@ static void waiter_wait(waiter_t *w, int calls)
 
 /* Appends one string record and waits for its completion. Returns the
  * append's return code or the completion status. */
-static int append_sync(spool_t *s, const char *text)
+static inline int append_sync(spool_t *s, const char *text)
 {
     waiter_t w;
     struct iovec iov = {.iov_base = (void *)text, .iov_len = strlen(text)};
@@ -74,7 +75,7 @@ static int append_sync(spool_t *s, const char *text)
 }
 
 /* Creates a new empty folder under /tmp and returns its path (static). */
-static const char *make_temp_dir(void)
+static inline const char *make_temp_dir(void)
 {
     static char path[64];
 
@@ -85,7 +86,7 @@ static const char *make_temp_dir(void)
 }
 
 /* Removes `path` and everything below it. */
-static void remove_tree(const char *path)
+static inline void remove_tree(const char *path)
 {
     DIR *d = opendir(path);
     struct dirent *de;
@@ -98,7 +99,9 @@ static void remove_tree(const char *path)
     while ((de = readdir(d)) != NULL) {
         if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
             continue;
-        snprintf(child, sizeof(child), "%s/%s", path, de->d_name);
+        if (snprintf(child, sizeof(child), "%s/%s", path, de->d_name) >=
+            (int)sizeof(child))
+            continue;
         struct stat st;
         if (lstat(child, &st) == 0 && S_ISDIR(st.st_mode))
             remove_tree(child);
@@ -110,7 +113,7 @@ static void remove_tree(const char *path)
 }
 
 /* Counts the files in `dir` whose name ends with `suffix`. */
-static int count_files(const char *dir, const char *suffix)
+static inline int count_files(const char *dir, const char *suffix)
 {
     DIR *d = opendir(dir);
     struct dirent *de;
