@@ -39,7 +39,7 @@ def run_replay(server, *extra, timeout=120):
 
 
 def test_replay_small_fleet_passes(ingestd_factory):
-    server = ingestd_factory(devices=(), disabled=())
+    server = ingestd_factory()
     devices_file = server.data_dir.parent / "devices.json"
     proc, report = run_replay(
         server, "--devices", "50", "--duration", "10", "--speed", "30",
@@ -70,7 +70,7 @@ def test_replay_small_fleet_passes(ingestd_factory):
 
 
 def test_replay_reuses_devices_file(ingestd_factory):
-    server = ingestd_factory(devices=(), disabled=())
+    server = ingestd_factory()
     devices_file = server.data_dir.parent / "devices.json"
     first, _ = run_replay(
         server, "--devices", "5", "--duration", "2", "--speed", "30",
@@ -90,7 +90,7 @@ def test_replay_reuses_devices_file(ingestd_factory):
 
 
 def test_replay_fails_on_disabled_device(ingestd_factory):
-    server = ingestd_factory(devices=(), disabled=())
+    server = ingestd_factory()
     devices_file = server.data_dir.parent / "devices.json"
     first, _ = run_replay(
         server, "--devices", "3", "--duration", "1",
