@@ -13,7 +13,7 @@ static void admin_check(http_conn_t *c, http_request_t *r)
 {
 }
 
-static void answer_status(http_conn_t *c, int status, const char *state,
+static void respond_status(http_conn_t *c, int status, const char *state,
                           const char *reason)
 {
     json_t *body = json_object();
@@ -55,7 +55,7 @@ static void handle_metrics(http_conn_t *c, http_request_t *r)
 
 static void handle_healthz(http_conn_t *c, http_request_t *r)
 {
-    answer_status(c, 200, "ok", NULL);
+    respond_status(c, 200, "ok", NULL);
 }
 
 static void handle_readyz(http_conn_t *c, http_request_t *r)
@@ -66,9 +66,9 @@ static void handle_readyz(http_conn_t *c, http_request_t *r)
     if (hooks->not_ready != NULL)
         reason = hooks->not_ready(hooks->arg);
     if (reason != NULL)
-        answer_status(c, 503, "not ready", reason);
+        respond_status(c, 503, "not ready", reason);
     else
-        answer_status(c, 200, "ready", NULL);
+        respond_status(c, 200, "ready", NULL);
 }
 
 const http_route_t http_admin_routes[] = {

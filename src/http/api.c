@@ -2,7 +2,7 @@
  * them to the pipeline as one batch.
  *
  * A batch is all or nothing: if any reading is unparsable, invalid or
- * names another device, nothing is stored and the answer lists every
+ * names another device, nothing is stored and the response lists every
  * rejected reading, so that a device never has to work out which part of
  * a request was kept.
  */
@@ -69,7 +69,7 @@ static void api_check(http_conn_t *c, http_request_t *r)
         return;
     if (!(p->flags & (F_CONTENT_LENGTH | F_CHUNKED))) {
         /* Without framing any body bytes would be read as the next
-         * request, so the connection closes after the answer. */
+         * request, so the connection closes after the response. */
         http_request_reject(c, 411, "length_required",
                             "a request body needs Content-Length or "
                             "Transfer-Encoding: chunked",
@@ -105,8 +105,8 @@ static void api_check(http_conn_t *c, http_request_t *r)
     }
 }
 
-/* Counts a request's readings against max_readings_per_request and answers
- * when there are none or too many. Returns 1 when the count is fine. */
+/* Checks the reading count against max_readings_per_request and sends an
+ * error when there are none or too many. Returns 1 when the count fits. */
 static int count_ok(http_conn_t *c, size_t n)
 {
     char message[160];
@@ -156,7 +156,7 @@ static int add_value(http_request_t *r, pipeline_batch_t *b,
 }
 
 /* Parses an application/json body. Returns the filled batch, or NULL
- * after answering. */
+ * after responding. */
 static pipeline_batch_t *add_json(http_conn_t *c, http_request_t *r)
 {
     json_error_t error;
@@ -214,7 +214,7 @@ static int add_line(http_request_t *r, pipeline_batch_t *b, const char *line,
 }
 
 /* Parses an NDJSON body. Returns the filled batch, or NULL after
- * answering. */
+ * responding. */
 static pipeline_batch_t *add_ndjson(http_conn_t *c, http_request_t *r)
 {
     const char *line;
@@ -238,7 +238,7 @@ static pipeline_batch_t *add_ndjson(http_conn_t *c, http_request_t *r)
     return b;
 }
 
-/* Answers 403 or 400 for a batch with rejected readings. */
+/* Responds 403 or 400 to a batch with rejected readings. */
 static void reject_batch(http_conn_t *c, http_request_t *r,
                          pipeline_batch_t *b)
 {
@@ -278,7 +278,7 @@ static void reject_batch(http_conn_t *c, http_request_t *r,
     http_conn_respond(c, &resp);
 }
 
-static void answer_accepted(http_conn_t *c, pipeline_batch_t *b)
+static void respond_accepted(http_conn_t *c, pipeline_batch_t *b)
 {
     size_t n = pipeline_batch_accepted(b);
     json_t *ids = json_array();
@@ -304,9 +304,9 @@ done:
     http_conn_respond(c, &resp);
 }
 
-/* Answers a batch that was not stored: 503 when retrying later can help,
+/* Responds to a batch that was not stored: 503 when retrying later can help,
  * 413 when the batch can never fit, 500 otherwise. */
-static void answer_failed(http_conn_t *c, int status)
+static void respond_failed(http_conn_t *c, int status)
 {
     char headers[64];
 
@@ -344,13 +344,13 @@ static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
     http_conn_t *c = arg;
 
     /* The connection may have closed while the batch was pending; then
-     * nobody waits for the answer. */
+     * no client waits for the response. */
     if (http_conn_release(c)) {
         c->req.batch = NULL;
         if (status == 0)
-            answer_accepted(c, b);
+            respond_accepted(c, b);
         else
-            answer_failed(c, status);
+            respond_failed(c, status);
     }
     pipeline_batch_free(b);
 }
@@ -367,7 +367,7 @@ static void submit(http_conn_t *c, http_request_t *r, pipeline_batch_t *b)
     http_conn_release(c);
     r->batch = NULL;
     pipeline_batch_free(b);
-    answer_failed(c, rc);
+    respond_failed(c, rc);
 }
 
 static void api_handle(http_conn_t *c, http_request_t *r)

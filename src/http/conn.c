@@ -1,8 +1,8 @@
-/* Request assembly from llhttp callbacks, routing, and answering.
+/* Request assembly from llhttp callbacks, routing, and responses.
  *
  * Requests on one connection are handled strictly in order. The parser
  * pauses at the end of each request, reading stops, and the request goes to
- * its route. Once the answer is queued the parser resumes on the bytes
+ * its route. Once the response is queued the parser resumes on the bytes
  * that were already received, so pipelined requests need no extra reads.
  */
 #include <stdio.h>
@@ -40,7 +40,7 @@ void http_request_reject(http_conn_t *c, int status, const char *code,
     http_response_clear(&r->reject);
     if (http_response_error(&r->reject, status, code, message, headers,
                             NULL) != 0) {
-        /* Without memory for the answer, closing is all that is left. */
+        /* Without memory for the response, closing is all that is left. */
         http_response_clear(&r->reject);
         r->reject.status = 500;
         r->reject.close = 1;
@@ -294,7 +294,7 @@ static int on_message_complete(llhttp_t *p)
     http_conn_t *c = conn_of(p);
 
     /* An upgrade would hand the socket to another protocol, which this
-     * listener does not speak, so the connection ends after the answer. */
+     * listener does not speak, so the connection ends after the response. */
     c->req.keep_alive =
         llhttp_should_keep_alive(p) && !llhttp_get_upgrade(p);
     http_conn_set_state(c, CONN_WAITING);
@@ -391,7 +391,7 @@ static void parse_some(http_conn_t *c)
 
 void http_conn_process(http_conn_t *c)
 {
-    /* Answers given while parsing return here instead of recursing, so a
+    /* Responses given while parsing return here instead of recursing, so a
      * long pipeline does not grow the stack. */
     if (c->in_process)
         return;
@@ -406,7 +406,7 @@ void http_conn_process(http_conn_t *c)
     http_conn_update_reading(c);
 }
 
-static enum http_conn_mode answer_mode(http_conn_t *c, int close)
+static enum http_conn_mode response_mode(http_conn_t *c, int close)
 {
     if (close)
         return HTTP_MODE_CLOSE;
@@ -426,7 +426,7 @@ void http_conn_respond(http_conn_t *c, http_response_t *resp)
         return;
     }
     close = resp->close || !c->req.keep_alive || l->draining;
-    data = http_response_format(resp, answer_mode(c, close), &len);
+    data = http_response_format(resp, response_mode(c, close), &len);
     http_metrics_request(l->kind, resp->status,
                          (double)(uv_hrtime() - c->req.start_ns) / 1e9);
     if (resp->status >= 400 && resp->code != NULL)

@@ -1,10 +1,10 @@
 /* Socket input and output of one connection: reads, writes, timers and the
  * closing sequence.
  *
- * The last answer on a connection is followed by a lingering close: the
+ * The last response on a connection is followed by a lingering close: the
  * write side is shut down and input is read and dropped for a short time.
  * Closing at once with unread input would make the kernel send a reset,
- * and a client still sending its body would lose the answer.
+ * and a client still sending its body would lose the response.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -83,7 +83,7 @@ static void on_timer(uv_timer_t *t)
         break;
     default:
         /* Idle keep-alive connections, clients that do not read their
-         * answers and lingering closes end without a word. */
+         * responses and lingering closes end without a word. */
         log_debug("connection timed out", "conn=%llu peer=%s state=%d",
                   (unsigned long long)c->id, c->peer, (int)c->state);
         http_conn_close(c);

@@ -1,7 +1,7 @@
 /* Declarations shared by the files of the HTTP module, not by other modules.
  *
  * listener.c owns sockets and connection lifetimes, conn.c turns bytes into
- * requests and answers into bytes, response.c formats answers, payload.c
+ * requests and responses into bytes, response.c formats responses, payload.c
  * parses request headers and bodies, api.c and admin.c hold the routes, and
  * http_metrics.c caches the metric series.
  */
@@ -31,9 +31,9 @@ typedef struct http_limits {
     uint64_t retry_after_s;
 } http_limits_t;
 
-/* ---- Answers (response.c) ---- */
+/* ---- Responses (response.c) ---- */
 
-/* A complete answer before it is serialized. `headers` holds extra header
+/* A complete response before it is serialized. `headers` holds extra header
  * lines, each ending in CRLF, or NULL. Both strings are owned. */
 typedef struct http_response {
     int status;
@@ -41,7 +41,7 @@ typedef struct http_response {
     char *headers;
     char *body;
     size_t body_len;
-    int close;        /* close the connection after this answer */
+    int close;        /* close the connection after this response */
     const char *code; /* static error code for the log, or NULL */
 } http_response_t;
 
@@ -59,7 +59,7 @@ const char *http_status_reason(int status);
 char *http_response_format(const http_response_t *resp,
                            enum http_conn_mode mode, size_t *len);
 
-/* Fills `resp` with a JSON error answer {"error":code,"message":message}
+/* Fills `resp` with a JSON error response {"error":code,"message":message}
  * plus the "readings" array when `readings` (borrowed) is not NULL.
  * `headers` (copied, may be NULL) adds header lines ending in CRLF.
  * Returns 0 or ING_ENOMEM. */
@@ -67,7 +67,7 @@ int http_response_error(http_response_t *resp, int status, const char *code,
                         const char *message, const char *headers,
                         const json_t *readings);
 
-/* Fills `resp` with a JSON answer that serializes `body` (borrowed).
+/* Fills `resp` with a JSON response that serializes `body` (borrowed).
  * Returns 0 or ING_ENOMEM. */
 int http_response_json(http_response_t *resp, int status,
                        const json_t *body);
@@ -111,9 +111,8 @@ typedef struct http_conn http_conn_t;
 typedef struct http_request http_request_t;
 
 /* One route of a listener. `check` runs when the headers are complete and
- * may reject the request by calling http_request_reject; `handle` runs
- * when the body is complete and answers now or later with
- * http_conn_respond. */
+ * may reject the request with http_request_reject. `handle` runs when the
+ * body is complete and responds now or later with http_conn_respond. */
 typedef struct http_route {
     const char *path;
     const char *method;
@@ -130,8 +129,8 @@ enum http_conn_state {
     CONN_IDLE = 0,    /* waiting for the first byte of a request */
     CONN_HEADERS = 1, /* reading the request line and headers */
     CONN_BODY = 2,    /* reading the body */
-    CONN_WAITING = 3, /* request complete, its answer not queued yet */
-    CONN_CLOSING = 4, /* last answer queued, discarding input until EOF */
+    CONN_WAITING = 3, /* request complete, its response not queued */
+    CONN_CLOSING = 4, /* last response queued, input dropped until EOF */
 };
 
 #define HTTP_URL_MAX_STORED 2048
@@ -163,7 +162,7 @@ struct http_request {
     size_t body_len;
     size_t body_cap;
     http_response_t reject; /* an early rejection, when reject.status != 0 */
-    int reject_now;         /* answer the rejection without the body */
+    int reject_now;         /* send the rejection without the body */
     uint64_t body_seen;     /* body bytes received, kept or dropped */
     const char *reject_reason; /* ingestd_http_rejected_total label */
     auth_device_t dev;         /* the authenticated device (API) */
@@ -182,7 +181,7 @@ struct http_listener {
     http_limits_t limits;
     const http_route_t *routes;
     size_t route_count;
-    const char *endpoints; /* listed in 404 answers */
+    const char *endpoints; /* listed in 404 responses */
     auth_t *auth;
     pipeline_loop_t *pl;
     http_admin_hooks_t hooks;
@@ -227,12 +226,12 @@ struct http_conn {
  * Returns 0 or a negative libuv error. */
 int http_conn_start(http_conn_t *c);
 
-/* Answers the current request, taking ownership of `resp`'s strings, and
+/* Responds to the current request, taking ownership of `resp`'s strings, and
  * continues with the next pipelined request unless the connection must
  * close. Safe to call when the connection closed meanwhile. */
 void http_conn_respond(http_conn_t *c, http_response_t *resp);
 
-/* Answers with a JSON error. `headers` may be NULL. */
+/* Responds with a JSON error. `headers` may be NULL. */
 void http_conn_error(http_conn_t *c, int status, const char *code,
                      const char *message, const char *headers);
 
@@ -242,11 +241,11 @@ void http_conn_turn_away(http_conn_t *c, http_response_t *resp);
 
 enum http_reject_when {
     HTTP_REJECT_AFTER_BODY = 0, /* read and drop the body, keep-alive */
-    HTTP_REJECT_NOW = 1,        /* answer without reading on, then close */
+    HTTP_REJECT_NOW = 1,        /* respond before the body, then close */
     HTTP_REJECT_AFTER_BODY_CLOSE = 2, /* as AFTER_BODY, then close */
 };
 
-/* Records an early rejection of the current request, answered as `when`
+/* Records an early rejection of the current request, sent as `when`
  * says. `code` must be static. `reason` labels
  * ingestd_http_rejected_total, or is NULL. */
 void http_request_reject(http_conn_t *c, int status, const char *code,
@@ -261,7 +260,7 @@ void http_conn_hold(http_conn_t *c);
  * closed meanwhile (and the struct may be gone). */
 int http_conn_release(http_conn_t *c);
 
-/* Closes the connection without an answer. */
+/* Closes the connection without a response. */
 void http_conn_close(http_conn_t *c);
 
 /* Queued output past HIGH makes the connection stop parsing requests

@@ -47,7 +47,7 @@ static metrics_counter_t *requests_series(enum http_listener_kind kind,
     snprintf(labels, sizeof(labels), "listener=\"%s\",status=\"%d\"",
              kind_names[kind], status);
     return metrics_counter("ingestd_http_requests_total",
-                           "HTTP answers sent, by listener and status code",
+                           "HTTP responses sent, by listener and status code",
                            labels);
 }
 
@@ -80,7 +80,7 @@ void http_metrics_request(enum http_listener_kind kind, int status,
     if (h == NULL) {
         h = metrics_histogram(
             "ingestd_http_request_duration_seconds",
-            "Time from a request's first byte until its answer was queued",
+            "Time from a request's first byte until its response was queued",
             listener_label(kind, labels, sizeof(labels)));
         atomic_store(&durations[kind], h);
     }

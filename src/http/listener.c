@@ -143,7 +143,7 @@ static void unlink_conn(http_listener_t *l, http_conn_t *c)
     c->prev = c->next = NULL;
 }
 
-/* Answers 503 at once to a connection over max_connections, so that the
+/* Responds 503 at once to a connection over max_connections, so that the
  * client learns to retry instead of waiting in the backlog. */
 static void turn_away(http_conn_t *c)
 {

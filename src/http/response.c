@@ -1,4 +1,4 @@
-/* Formatting of HTTP answers. Every error answer is a JSON object with an
+/* Formatting of HTTP responses. Every error response is a JSON object with an
  * "error" code and a "message" that says what is wrong and what to do. */
 #include <stdio.h>
 #include <stdlib.h>

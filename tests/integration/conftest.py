@@ -106,7 +106,7 @@ def yaml_value(value):
 
 
 def write_config(folder, port, admin_port, http=None, spool=None,
-                 sink_path=None):
+                 sink=None):
     """Write a config file into `folder` and return its path."""
     http_settings = dict(DEFAULT_HTTP, **(http or {}))
     http_settings["listen"] = f"127.0.0.1:{port}"
@@ -129,8 +129,9 @@ def write_config(folder, port, admin_port, http=None, spool=None,
         "sinks:",
         "  - name: out",
         "    type: file",
-        f"    path: {sink_path or folder / 'data' / 'out'}",
+        f"    path: {folder / 'data' / 'out'}",
     ]
+    lines += [f"    {k}: {yaml_value(v)}" for k, v in (sink or {}).items()]
     path = folder / "ingestd.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -156,7 +157,7 @@ def add_device(device_id, config):
 
 
 def wait_ready(proc, admin_url, log):
-    """Wait until /readyz answers 200, at most READY_TIMEOUT_S."""
+    """Wait until /readyz returns 200, at most READY_TIMEOUT_S."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -187,12 +188,12 @@ def stop(server):
         return None
 
 
-def start_server(folder, http=None, spool=None, sink_path=None,
+def start_server(folder, http=None, spool=None, sink=None,
                  devices=("dev-1", "dev-2"), disabled=("dev-off",)):
     """Start ingestd in `folder` and return a Server once it is ready."""
     folder.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
-    config = write_config(folder, port, admin_port, http, spool, sink_path)
+    config = write_config(folder, port, admin_port, http, spool, sink)
     keys = {d: add_device(d, config) for d in (*devices, *disabled)}
     for d in disabled:
         run_cli("device", "disable", d, config=config)

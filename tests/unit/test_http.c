@@ -1,6 +1,6 @@
 /* Unit tests for the socket-free parts of the HTTP module: listen
  * addresses, Content-Type and Authorization values, NDJSON splitting and
- * answer formatting. Connection behaviour is covered by the integration
+ * response formatting. Connection behaviour is covered by the integration
  * tests against the real binary. */
 #include <setjmp.h>
 #include <stdarg.h>
