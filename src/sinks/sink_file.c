@@ -140,8 +140,8 @@ static int open_next_file(file_sink_t *f)
     gmtime_r(&now, &tm);
     strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%SZ", &tm);
     for (unsigned tries = 0; tries < FILE_SEQUENCE_MAX; tries++) {
-        snprintf(f->file_name, sizeof(f->file_name),
-                 "readings-%s-%06u.ndjson", stamp, f->sequence);
+        snprintf(f->file_name, sizeof(f->file_name), "readings-%s-%06u.ndjson",
+                 stamp, f->sequence);
         f->sequence = (f->sequence + 1) % FILE_SEQUENCE_MAX;
         f->fd = openat(f->dir_fd, f->file_name,
                        O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
@@ -231,9 +231,8 @@ static void undo_batch(file_sink_t *f, uint64_t before, int abandon)
     if (ftruncate(f->fd, (off_t)before) < 0) {
         log_error("truncating sink output file after a failed write failed; "
                   "it may end with a partial line",
-                  "sink=%s file=%s offset=%" PRIu64 " error=%s",
-                  f->sink_name, f->file_name, before,
-                  error_text(ebuf, sizeof(ebuf), errno));
+                  "sink=%s file=%s offset=%" PRIu64 " error=%s", f->sink_name,
+                  f->file_name, before, error_text(ebuf, sizeof(ebuf), errno));
         abandon = 1;
     }
     if (abandon)

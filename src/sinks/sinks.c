@@ -134,15 +134,15 @@ static void register_metrics(sink_runner_t *r)
         "ingestd_sink_failures_total",
         "Failed deliveries of the sink, each retried later.", r->labels);
     metrics_gauge_func("ingestd_sink_lag_bytes",
-                       "Spool bytes the sink has not committed yet.",
-                       r->labels, lag_gauge, r);
+                       "Spool bytes the sink has not committed yet.", r->labels,
+                       lag_gauge, r);
 }
 
 /* Handles a failed delivery or read: counts it, logs `msg`, rewinds to
  * the committed cursor and waits out the backoff. Returns the next
  * delay. */
-static uint64_t retry_later(sink_runner_t *r, const char *msg, int rc,
-                            size_t n, uint64_t delay)
+static uint64_t retry_later(sink_runner_t *r, const char *msg, int rc, size_t n,
+                            uint64_t delay)
 {
     uint64_t wait_ms = next_random(r) % (delay + 1);
     char ebuf[64];
@@ -153,8 +153,7 @@ static uint64_t retry_later(sink_runner_t *r, const char *msg, int rc,
                       "sink=%s records=%zu committed=%" PRIu64
                       " error=%s retry_ms=%" PRIu64,
                       r->name, n, spool_reader_committed(r->reader),
-                      log_quote(ebuf, sizeof(ebuf), ing_strerror(rc)),
-                      wait_ms);
+                      log_quote(ebuf, sizeof(ebuf), ing_strerror(rc)), wait_ms);
     spool_reader_rewind(r->reader);
     sleep_unless_stopping(r, wait_ms);
     delay *= 2;
@@ -168,8 +167,8 @@ static void deliver_batch(sink_runner_t *r, size_t n, uint64_t *delay)
     int rc = r->ops->deliver(r->state, r->recs, n);
 
     if (rc < 0) {
-        *delay = retry_later(r, "sink delivery failed; retrying", rc, n,
-                             *delay);
+        *delay =
+            retry_later(r, "sink delivery failed; retrying", rc, n, *delay);
         return;
     }
     for (size_t i = 0; i < n; i++)
@@ -212,8 +211,9 @@ static void *runner_main(void *arg)
             continue;
         }
         if (rc < 0) {
-            delay = retry_later(r, "reading the spool for a sink failed; "
-                                   "retrying",
+            delay = retry_later(r,
+                                "reading the spool for a sink failed; "
+                                "retrying",
                                 rc, 0, delay);
             continue;
         }
@@ -257,8 +257,8 @@ static int runner_init(sink_runner_t *r, const config_sink_t *cfg,
     r->backoff = *backoff;
     r->batch_records =
         cfg->batch_records > 0 ? cfg->batch_records : DEFAULT_BATCH_RECORDS;
-    r->rng = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)r ^
-             0x9E3779B97F4A7C15ull;
+    r->rng =
+        (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)r ^ 0x9E3779B97F4A7C15ull;
     r->name = strdup(cfg->name);
     r->recs = calloc(r->batch_records, sizeof(*r->recs));
     if (r->name == NULL || r->recs == NULL) {
@@ -313,9 +313,9 @@ void sinks_stop(sinks_t *s, uint64_t timeout_ms)
     for (size_t i = 0; i < s->count; i++) {
         sink_runner_t *r = &s->runners[i];
         if (r->started && pthread_timedjoin_np(r->thread, NULL, &deadline)) {
-            /* NOTE: a deliver call cannot be interrupted from outside, so
-             * a sink stuck in one holds up shutdown past the timeout; the
-             * reader must not be closed under it. */
+            /* NOTE: deliver cannot be interrupted from outside, so a sink
+             * stuck in it delays shutdown past the timeout. Its reader
+             * must stay open until deliver returns. */
             log_warn("sink did not stop in time; waiting for its delivery "
                      "to return",
                      "sink=%s timeout_ms=%" PRIu64, r->name, timeout_ms);
@@ -338,8 +338,8 @@ int sinks_start_with(const config_t *cfg, const sink_ops_t *const *ops,
         snprintf(err, errlen, "out of memory");
         return ING_ENOMEM;
     }
-    s->runners = calloc(cfg->sink_count ? cfg->sink_count : 1,
-                        sizeof(*s->runners));
+    s->runners =
+        calloc(cfg->sink_count ? cfg->sink_count : 1, sizeof(*s->runners));
     if (s->runners == NULL) {
         free(s);
         snprintf(err, errlen, "out of memory");
@@ -372,8 +372,8 @@ int sinks_start_with(const config_t *cfg, const sink_ops_t *const *ops,
     return 0;
 
 error:
-    /* Started runners see the stop flag at once; the timeout is a bound
-     * that is never reached unless a sink's open or deliver hangs. */
+    /* Started runners see the stop flag at once. The timeout is reached
+     * only when a sink's deliver hangs. */
     sinks_stop(s, 10000);
     return rc;
 }

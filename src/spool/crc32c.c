@@ -1,6 +1,6 @@
 /* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as used by iSCSI,
- * ext4 and SCTP. The SSE4.2 crc32 instruction computes the same function;
- * it is picked at run time when the CPU has it, and the slicing-by-8 table
+ * ext4 and SCTP. The SSE4.2 crc32 instruction computes the same function.
+ * It is picked at run time when the CPU has it, and the slicing-by-8 table
  * version serves every other CPU.
  */
 #include "spool/crc32c.h"
@@ -47,8 +47,7 @@ static uint32_t table_update(uint32_t crc, const uint8_t *p, size_t len)
                              (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
         crc = table[7][lo & 0xff] ^ table[6][(lo >> 8) & 0xff] ^
               table[5][(lo >> 16) & 0xff] ^ table[4][lo >> 24] ^
-              table[3][p[4]] ^ table[2][p[5]] ^ table[1][p[6]] ^
-              table[0][p[7]];
+              table[3][p[4]] ^ table[2][p[5]] ^ table[1][p[6]] ^ table[0][p[7]];
         p += 8;
         len -= 8;
     }
@@ -69,9 +68,8 @@ int crc32c_hw_available(void)
     return __builtin_cpu_supports("sse4.2") ? 1 : 0;
 }
 
-__attribute__((target("sse4.2"))) uint32_t crc32c_hw(uint32_t crc,
-                                                      const void *data,
-                                                      size_t len)
+__attribute__((target("sse4.2"))) uint32_t
+crc32c_hw(uint32_t crc, const void *data, size_t len)
 {
     const uint8_t *p = data;
     uint64_t c = ~crc;

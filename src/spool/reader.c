@@ -384,14 +384,14 @@ static int wait_for_data(spool_reader_t *r, int timeout_ms)
             return 1;
         if (timeout_ms < 0)
             pthread_cond_wait(&s->durable_cv, &s->lock);
-        else if (pthread_cond_timedwait(&s->durable_cv, &s->lock,
-                                        &deadline) == ETIMEDOUT)
+        else if (pthread_cond_timedwait(&s->durable_cv, &s->lock, &deadline) ==
+                 ETIMEDOUT)
             timed_out = 1;
     }
 }
 
-/* Index of the segment holding `pos`; the caller holds the lock and has
- * checked that pos is at or after the first segment's base. */
+/* Returns the index of the segment containing `pos`. The caller holds the
+ * lock and has checked that pos is at or after the first segment's base. */
 static size_t find_segment(const spool_t *s, spool_pos_t pos)
 {
     size_t lo = 0;
@@ -450,8 +450,8 @@ static int read_frames(spool_reader_t *r, spool_pos_t seg_end,
     ssize_t got;
 
 reread:
-    want = seg_end - r->read_pos < r->buf_cap ? seg_end - r->read_pos
-                                               : r->buf_cap;
+    want =
+        seg_end - r->read_pos < r->buf_cap ? seg_end - r->read_pos : r->buf_cap;
     got = spool_pread_full(r->fd, r->buf, want, r->read_pos - r->fd_base);
     if (got < 0) {
         char ebuf[128];
@@ -522,8 +522,8 @@ int spool_reader_next(spool_reader_t *r, spool_record_t *recs, size_t max,
         r->read_pos = s->segs[0].base;
     i = find_segment(s, r->read_pos);
     seg_base = s->segs[i].base;
-    seg_end = i + 1 == s->nsegs ? s->durable_end
-                                : s->segs[i].base + s->segs[i].size;
+    seg_end =
+        i + 1 == s->nsegs ? s->durable_end : s->segs[i].base + s->segs[i].size;
     pthread_mutex_unlock(&s->lock);
 
     rc = open_segment(r, seg_base);

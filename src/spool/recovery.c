@@ -165,7 +165,7 @@ static uint64_t file_size(int fd)
 }
 
 /* Checks a segment that is not the last. Its size is fixed by the next
- * segment's base; damage is logged and left for readers to skip. */
+ * segment's base. Damage is logged and left for readers to skip. */
 static int check_old_segment(spool_t *s, size_t i, char *err, size_t errlen)
 {
     char name[SPOOL_SEGMENT_NAME_LEN + 1];
@@ -177,14 +177,14 @@ static int check_old_segment(spool_t *s, size_t i, char *err, size_t errlen)
     spool_segment_name(name, seg->base);
     fd = openat(s->dir_fd, name, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        snprintf(err, errlen, "opening spool segment %s/%s failed: %s",
-                 s->dir, name, strerror(errno));
+        snprintf(err, errlen, "opening spool segment %s/%s failed: %s", s->dir,
+                 name, strerror(errno));
         return ING_EIO;
     }
     on_disk = file_size(fd);
     if (scan_frames(fd, on_disk < logical ? on_disk : logical, &valid) < 0) {
-        snprintf(err, errlen, "reading spool segment %s/%s failed: %s",
-                 s->dir, name, strerror(errno));
+        snprintf(err, errlen, "reading spool segment %s/%s failed: %s", s->dir,
+                 name, strerror(errno));
         close(fd);
         return ING_EIO;
     }
@@ -214,14 +214,14 @@ static int recover_last_segment(spool_t *s, char *err, size_t errlen)
     spool_segment_name(name, seg->base);
     fd = openat(s->dir_fd, name, O_RDWR | O_CLOEXEC);
     if (fd < 0) {
-        snprintf(err, errlen, "opening spool segment %s/%s failed: %s",
-                 s->dir, name, strerror(errno));
+        snprintf(err, errlen, "opening spool segment %s/%s failed: %s", s->dir,
+                 name, strerror(errno));
         return ING_EIO;
     }
     on_disk = file_size(fd);
     if (scan_frames(fd, on_disk, &valid) < 0) {
-        snprintf(err, errlen, "reading spool segment %s/%s failed: %s",
-                 s->dir, name, strerror(errno));
+        snprintf(err, errlen, "reading spool segment %s/%s failed: %s", s->dir,
+                 name, strerror(errno));
         close(fd);
         return ING_EIO;
     }
@@ -256,8 +256,8 @@ static int create_first_segment(spool_t *s, spool_pos_t base, char *err,
     spool_segment_name(name, base);
     fd = openat(s->dir_fd, name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
     if (fd < 0 || fsync(s->dir_fd) < 0) {
-        snprintf(err, errlen, "creating spool segment %s/%s failed: %s",
-                 s->dir, name, strerror(errno));
+        snprintf(err, errlen, "creating spool segment %s/%s failed: %s", s->dir,
+                 name, strerror(errno));
         if (fd >= 0)
             close(fd);
         return ING_EIO;
@@ -266,8 +266,7 @@ static int create_first_segment(spool_t *s, spool_pos_t base, char *err,
     return push_segment(s, base);
 }
 
-int spool_recover(spool_t *s, spool_pos_t fresh_base, char *err,
-                  size_t errlen)
+int spool_recover(spool_t *s, spool_pos_t fresh_base, char *err, size_t errlen)
 {
     int rc = list_segments(s, err, errlen);
 

@@ -41,16 +41,14 @@ static void register_metrics(spool_t *s)
     s->appends_total = metrics_counter(
         "ingestd_spool_appends_total",
         "Append calls whose records were written to the spool.", NULL);
-    s->records_total =
-        metrics_counter("ingestd_spool_records_total",
-                        "Records written to the spool.", NULL);
+    s->records_total = metrics_counter("ingestd_spool_records_total",
+                                       "Records written to the spool.", NULL);
     s->truncated_total = metrics_counter(
         "ingestd_spool_recovered_truncated_bytes_total",
         "Bytes of torn or corrupt tail dropped by spool recovery.", NULL);
 }
 
-void spool_segment_name(char name[SPOOL_SEGMENT_NAME_LEN + 1],
-                        spool_pos_t base)
+void spool_segment_name(char name[SPOOL_SEGMENT_NAME_LEN + 1], spool_pos_t base)
 {
     snprintf(name, SPOOL_SEGMENT_NAME_LEN + 1, "%020" PRIu64 ".seg", base);
 }
@@ -84,8 +82,8 @@ int spool_frame_check(const uint8_t *p, size_t avail, uint64_t room,
     *len = n;
     if (n == 0)
         return SPOOL_FRAME_BAD;
-    /* A length running past the segment end is a torn or corrupt header;
-     * the check also bounds what a caller allocates for the payload. */
+    /* A length running past the segment end means a torn or corrupt
+     * header. The check also bounds what a caller allocates. */
     if ((uint64_t)n > room - SPOOL_FRAME_HEADER)
         return SPOOL_FRAME_BAD;
     if (avail - SPOOL_FRAME_HEADER < n) {
@@ -110,8 +108,8 @@ ssize_t spool_pread_full(int fd, void *buf, size_t len, uint64_t off)
     size_t done = 0;
 
     while (done < len) {
-        ssize_t n = pread(fd, (uint8_t *)buf + done, len - done,
-                          (off_t)(off + done));
+        ssize_t n =
+            pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
@@ -571,11 +569,10 @@ int spool_open(const spool_options_t *opts, spool_t **out, char *err,
     metrics_gauge_func("ingestd_spool_size_bytes",
                        "Bytes in spool segments, including queued appends.",
                        NULL, size_gauge, s);
-    log_info("spool opened",
-             "dir=%s segments=%zu size=%" PRIu64 " durable_end=%" PRIu64
-             " fsync=%d",
-             s->dir, s->nsegs, spool_size_bytes(s), s->durable_end,
-             s->opts.fsync);
+    log_info(
+        "spool opened",
+        "dir=%s segments=%zu size=%" PRIu64 " durable_end=%" PRIu64 " fsync=%d",
+        s->dir, s->nsegs, spool_size_bytes(s), s->durable_end, s->opts.fsync);
     *out = s;
     return 0;
 

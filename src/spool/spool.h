@@ -97,10 +97,11 @@ int spool_reader_open(spool_t *s, const char *name, spool_reader_t **out);
 /* Reads up to `max` durable records after the reader's read position into
  * `recs`, waiting up to `timeout_ms` when none is available (a negative
  * timeout waits until data, spool_reader_wake or spool_close).
- * Stores the number read in `*n` (0 on timeout). Returns 0, ING_ECORRUPT
- * when a record fails its checksum (logged; the reader skips to the next
- * segment), ING_EIO when reading a segment failed (retry later), or
- * ING_ESHUTDOWN when the spool is closing. */
+ * Stores the number read in `*n` (0 on timeout). Returns 0 or one of:
+ * ING_ECORRUPT when a record failed its checksum, which is logged, and the
+ * reader skipped to the next segment. ING_EIO when reading a segment
+ * failed, which is worth retrying later. ING_ESHUTDOWN when the spool is
+ * closing. */
 int spool_reader_next(spool_reader_t *r, spool_record_t *recs, size_t max,
                       int timeout_ms, size_t *n);
 

@@ -100,9 +100,9 @@ struct spool_reader {
     _Atomic uint64_t committed;
     int woken; /* guarded by spool->lock */
 
-    int fd;                /* open segment, or -1 */
-    spool_pos_t fd_base;   /* base of the segment `fd` refers to */
-    uint8_t *buf;          /* records handed out point into it */
+    int fd;              /* open segment, or -1 */
+    spool_pos_t fd_base; /* base of the segment `fd` refers to */
+    uint8_t *buf;        /* records handed out point into it */
     size_t buf_cap;
 };
 
@@ -128,8 +128,7 @@ void spool_segment_name(char name[SPOOL_SEGMENT_NAME_LEN + 1],
  * segment at `fresh_base` when there is none. Opens the last segment as
  * s->active_fd. Returns 0, or a negative ing_error with a message in
  * `err`. */
-int spool_recover(spool_t *s, spool_pos_t fresh_base, char *err,
-                  size_t errlen);
+int spool_recover(spool_t *s, spool_pos_t fresh_base, char *err, size_t errlen);
 
 /* Loads every cursor file in cursors/ into s->cursors and stores the
  * highest committed position in `*max_pos`. Returns 0 or a negative

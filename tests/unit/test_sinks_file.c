@@ -42,8 +42,7 @@ static void list_outputs(const char *dir, file_list_t *out)
                  de->d_name);
     }
     closedir(d);
-    qsort(out->names, (size_t)out->count, sizeof(out->names[0]),
-          compare_names);
+    qsort(out->names, (size_t)out->count, sizeof(out->names[0]), compare_names);
 }
 
 /* Reads `dir`/`name` into `buf` and returns its length. */

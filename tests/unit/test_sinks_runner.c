@@ -42,7 +42,8 @@ static void append_numbered(spool_t *s, int first, int count)
 
 static void sleep_ms(long ms)
 {
-    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+    struct timespec ts = {.tv_sec = ms / 1000,
+                          .tv_nsec = (ms % 1000) * 1000000L};
 
     nanosleep(&ts, NULL);
 }
@@ -212,13 +213,13 @@ static const sink_ops_t flaky_ops = {
 static void sinks_retry_after_failed_deliver(void **state)
 {
     const char *base = make_temp_dir();
-    config_sink_t sc = {.name = "flaky", .kind = CONFIG_SINK_FILE,
-                        .batch_records = 4};
+    config_sink_t sc = {
+        .name = "flaky", .kind = CONFIG_SINK_FILE, .batch_records = 4};
     config_t cfg = {.sinks = &sc, .sink_count = 1};
     const sink_ops_t *ops[] = {&flaky_ops};
     sinks_backoff_t backoff = {.initial_ms = 1, .max_ms = 4};
-    metrics_counter_t *failures = metrics_counter(
-        "ingestd_sink_failures_total", "", "sink=\"flaky\"");
+    metrics_counter_t *failures =
+        metrics_counter("ingestd_sink_failures_total", "", "sink=\"flaky\"");
     uint64_t failures_before = metrics_counter_value(failures);
     char err[256] = "";
     sinks_t *sinks = NULL;
@@ -236,8 +237,7 @@ static void sinks_retry_after_failed_deliver(void **state)
     append_numbered(s, 0, 10);
 
     assert_int_equal(
-        sinks_start_with(&cfg, ops, &backoff, s, &sinks, err, sizeof(err)),
-        0);
+        sinks_start_with(&cfg, ops, &backoff, s, &sinks, err, sizeof(err)), 0);
     pthread_mutex_lock(&flaky.lock);
     while (!flaky.blocked)
         pthread_cond_wait(&flaky.cv, &flaky.lock);
@@ -289,8 +289,7 @@ static void sinks_healthy_after_recovery(void **state)
     flaky.block_at = 2;
     append_numbered(s, 0, 3);
     assert_int_equal(
-        sinks_start_with(&cfg, ops, &backoff, s, &sinks, err, sizeof(err)),
-        0);
+        sinks_start_with(&cfg, ops, &backoff, s, &sinks, err, sizeof(err)), 0);
     pthread_mutex_lock(&flaky.lock);
     while (flaky.delivered < 3)
         pthread_cond_wait(&flaky.cv, &flaky.lock);
@@ -335,8 +334,8 @@ static void sinks_stop_idle_runner(void **state)
 {
     const char *base = make_temp_dir();
     char out_dir[256];
-    config_sink_t sc = {.name = "idle", .kind = CONFIG_SINK_FILE,
-                        .path = out_dir};
+    config_sink_t sc = {
+        .name = "idle", .kind = CONFIG_SINK_FILE, .path = out_dir};
     config_t cfg = {.sinks = &sc, .sink_count = 1};
     char err[256] = "";
     sinks_t *sinks = NULL;

@@ -282,8 +282,7 @@ static void spool_concurrent_appends_in_order(void **state)
             assert_true(recs[k].len < sizeof(text));
             memcpy(text, recs[k].data, recs[k].len);
             text[recs[k].len] = '\0';
-            assert_int_equal(sscanf(text, "t%d-%d-%d", &t, &index, &part),
-                             3);
+            assert_int_equal(sscanf(text, "t%d-%d-%d", &t, &index, &part), 3);
             assert_in_range(t, 0, THREADS - 1);
             /* Each thread's records arrive in the order it appended. */
             assert_int_equal(index, next_index[t]);
@@ -524,8 +523,7 @@ static void spool_open_locks_folder(void **state)
     spool_t *second = NULL;
     char err[256] = "";
 
-    assert_int_equal(spool_open(&opts, &second, err, sizeof(err)),
-                     ING_EEXIST);
+    assert_int_equal(spool_open(&opts, &second, err, sizeof(err)), ING_EEXIST);
     assert_non_null(strstr(err, "in use"));
     spool_close(s);
     remove_tree(dir);

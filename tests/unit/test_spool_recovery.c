@@ -84,8 +84,7 @@ static int read_records(spool_reader_t *r, int *next, int *corrupt)
     }
 }
 
-static void segment_path(char *buf, size_t size, const char *dir,
-                         uint64_t base)
+static void segment_path(char *buf, size_t size, const char *dir, uint64_t base)
 {
     snprintf(buf, size, "%s/%020llu.seg", dir, (unsigned long long)base);
 }
@@ -128,8 +127,8 @@ static uint64_t truncated_bytes_total(void)
 /* Writes ten records to a one-segment spool, lets `damage` modify the
  * segment file, reopens, and checks that `kept` records survive, that
  * `dropped` bytes were cut, and that appends continue behind them. */
-static void check_tail_recovery(void (*damage)(const char *path),
-                                int kept, uint64_t dropped)
+static void check_tail_recovery(void (*damage)(const char *path), int kept,
+                                uint64_t dropped)
 {
     const char *dir = make_temp_dir();
     spool_t *s = open_spool(dir, 0);
@@ -247,7 +246,7 @@ static void spool_recovers_corrupt_middle_of_last(void **state)
 
 /* Builds a spool of several segments holding records 0..39. Each append
  * is its own batch, so the first segment rotates once it reaches 200
- * bytes and holds records 0..11. */
+ * bytes and contains records 0..11. */
 static void build_segments(const char *dir)
 {
     char path[256];
