@@ -233,6 +233,9 @@ static int on_headers_complete(llhttp_t *p)
     if (r->reject.status != 0 && r->expect_continue && body)
         r->reject_now = 1;
     if (r->reject_now) {
+        /* The parser stops here, so nothing after this request can be
+         * read and the connection must close. */
+        r->reject.close = 1;
         c->abort = 1;
         return -1;
     }
@@ -339,7 +342,8 @@ static void framing_error(http_conn_t *c, llhttp_errno_t err)
 {
     char message[256];
 
-    if (err == HPE_UNEXPECTED_CONTENT_LENGTH) {
+    if (err == HPE_UNEXPECTED_CONTENT_LENGTH &&
+        strstr(llhttp_get_error_reason(&c->parser), "Transfer-Encoding")) {
         http_request_reject(c, 400, "bad_request",
                             "the request has both Content-Length and "
                             "Transfer-Encoding; send only one of them",
@@ -401,8 +405,16 @@ void http_conn_process(http_conn_t *c)
            c->in_off < c->in_len)
         parse_some(c);
     c->in_process = 0;
-    if (c->in_off == c->in_len)
+    if (c->in_off == c->in_len) {
         c->in_off = c->in_len = 0;
+        /* Keep small buffers for the next read, but do not let each idle
+         * keep-alive connection hold on to a large one. */
+        if (c->in_cap > HTTP_INPUT_KEEP) {
+            free(c->in);
+            c->in = NULL;
+            c->in_cap = 0;
+        }
+    }
     http_conn_update_reading(c);
 }
 
@@ -425,7 +437,7 @@ void http_conn_respond(http_conn_t *c, http_response_t *resp)
         http_response_clear(resp);
         return;
     }
-    close = resp->close || !c->req.keep_alive || l->draining;
+    close = resp->close || c->abort || !c->req.keep_alive || l->draining;
     data = http_response_format(resp, response_mode(c, close), &len);
     http_metrics_request(l->kind, resp->status,
                          (double)(uv_hrtime() - c->req.start_ns) / 1e9);

@@ -269,6 +269,9 @@ void http_conn_close(http_conn_t *c);
 #define HTTP_WRITE_QUEUE_HIGH (256 * 1024)
 #define HTTP_WRITE_QUEUE_LOW (64 * 1024)
 
+/* Input buffers larger than this are freed once parsed. */
+#define HTTP_INPUT_KEEP (16 * 1024)
+
 /* Internal steps of a connection, shared by conn.c and conn_io.c. */
 void http_conn_init_parser(http_conn_t *c);
 void http_conn_process(http_conn_t *c);

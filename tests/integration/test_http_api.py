@@ -366,6 +366,33 @@ def test_expect_continue_rejected_without_continue(ingestd, tmp_path):
     assert "100 Continue" not in verbose
 
 
+def test_expect_continue_rejection_closes(ingestd):
+    body = json.dumps(reading())
+    request = raw_request("ik_bad", body, "Expect: 100-continue\r\n")
+    head, payload = request.split(b"\r\n\r\n", 1)
+    sock, reader = connect(ingestd)
+    with sock:
+        sock.sendall(head + b"\r\n\r\n")
+        resp = read_response(reader)
+        assert resp.status == 401
+        assert resp.headers["connection"] == "close"
+        # A client that sends the body anyway gets no second response.
+        sock.sendall(payload)
+        assert at_eof(sock, reader)
+
+
+def test_duplicate_content_length_rejected(ingestd):
+    request = raw_request(ingestd.keys["dev-1"], "{}", "Content-Length: 2\r\n")
+    sock, reader = connect(ingestd)
+    with sock:
+        sock.sendall(request)
+        resp = read_response(reader)
+        assert resp.status == 400
+        assert resp.json()["error"] == "bad_request"
+        assert "Content-Length" in resp.json()["message"]
+        assert at_eof(sock, reader)
+
+
 # ---- connection handling ----
 
 def test_pipelined_requests_in_order(ingestd):
