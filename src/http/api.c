@@ -1,10 +1,10 @@
 /* POST /v1/data: authenticates the device, parses the readings and hands
  * them to the pipeline as one batch.
  *
- * A batch is all or nothing: if any reading is unparsable, invalid or
+ * A batch is all or nothing. If any reading is unparsable, invalid or
  * names another device, nothing is stored and the response lists every
- * rejected reading, so that a device never has to work out which part of
- * a request was kept.
+ * rejected reading. A device then never has to work out which part of a
+ * request was kept.
  */
 #include <stdio.h>
 #include <stdlib.h>

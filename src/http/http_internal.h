@@ -33,7 +33,7 @@ typedef struct http_limits {
 
 /* ---- Responses (response.c) ---- */
 
-/* A complete response before it is serialized. `headers` holds extra header
+/* A complete response before it is serialized. `headers` contains extra header
  * lines, each ending in CRLF, or NULL. Both strings are owned. */
 typedef struct http_response {
     int status;
@@ -245,8 +245,8 @@ enum http_reject_when {
     HTTP_REJECT_AFTER_BODY_CLOSE = 2, /* as AFTER_BODY, then close */
 };
 
-/* Records an early rejection of the current request, sent as `when`
- * says. `code` must be static. `reason` labels
+/* Records an early rejection of the current request, sent at the time
+ * `when` names. `code` must be static. `reason` labels
  * ingestd_http_rejected_total, or is NULL. */
 void http_request_reject(http_conn_t *c, int status, const char *code,
                          const char *message, const char *headers,

@@ -1,5 +1,5 @@
 /* Formatting of HTTP responses. Every error response is a JSON object with an
- * "error" code and a "message" that says what is wrong and what to do. */
+ * "error" code and a "message" that states what is wrong and what to do. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -525,7 +525,7 @@ def test_spool_full_returns_503(ingestd_factory):
 
 def test_max_connections_turns_away(ingestd_factory):
     server = ingestd_factory(http={"workers": 1, "max_connections": 2})
-    held = [connect(server) for _ in range(2)]
+    open_conns = [connect(server) for _ in range(2)]
     try:
         sock, reader = connect(server)
         with sock:
@@ -534,7 +534,7 @@ def test_max_connections_turns_away(ingestd_factory):
             assert resp.json()["error"] == "too_many_connections"
             assert resp.headers["retry-after"] == "3"
     finally:
-        for s, _ in held:
+        for s, _ in open_conns:
             s.close()
 
 
