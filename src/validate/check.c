@@ -389,8 +389,8 @@ static bool check_array(const node_t *n, const json_t *inst,
         }
     }
     if (n->has & HAS_UNIQUE_ITEMS) {
-        /* NOTE: pairwise comparison is quadratic in the array size, which
-         * the request size limit keeps small for telemetry readings. */
+        /* NOTE: pairwise comparison is quadratic in the array size. Only
+         * http.max_body_bytes bounds that size. */
         for (size_t i = 1; i < size; i++) {
             for (size_t j = 0; j < i; j++) {
                 if (validate_json_equal(json_array_get(inst, i),
@@ -483,9 +483,6 @@ static bool check_object(const node_t *n, const json_t *inst,
                          const path_t *path, context_t *ctx)
 {
     size_t size = json_object_size(inst);
-    const char *key;
-    size_t key_len;
-    json_t *value;
     bool ok = true;
 
     if ((n->has & HAS_MIN_PROPERTIES) && size < n->min_properties) {
@@ -533,12 +530,16 @@ static bool check_object(const node_t *n, const json_t *inst,
     if (n->property_count == 0 && n->pattern_property_count == 0 &&
         n->additional_properties == NULL && n->property_names == NULL)
         return ok;
-    /* The jansson iteration macros take a non-const object, but only read
-     * it. */
-    json_object_keylen_foreach ((json_t *)inst, key, key_len, value) {
-        if (ctx->stop)
-            break;
-        if (!check_member(n, key, key_len, value, path, ctx)) {
+    /* The iterator calls take a non-const object, but only read it. They
+     * avoid the key-to-iterator lookup that json_object_keylen_foreach()
+     * repeats on every step. */
+    for (void *it = json_object_iter((json_t *)inst); it != NULL && !ctx->stop;
+         it = json_object_iter_next((json_t *)inst, it)) {
+        const char *key = json_object_iter_key(it);
+        size_t key_len = json_object_iter_key_len(it);
+
+        if (!check_member(n, key, key_len, json_object_iter_value(it), path,
+                          ctx)) {
             ok = false;
             if (ctx->errs == NULL)
                 return false;

@@ -1,9 +1,9 @@
 /* Compilation of a schema document into nodes (see validate_internal.h).
  *
- * Every schema value is compiled once: a map from the json_t to its node
- * lets a local $ref reuse a node compiled elsewhere, and a node enters the
- * map before its subschemas, so a $ref back to an ancestor finds it and
- * recursion ends.
+ * Every schema value is compiled once. A map from each json_t to its node
+ * lets a local $ref reuse a node compiled elsewhere. A node enters the map
+ * before its subschemas compile, so a $ref back to an ancestor finds it and
+ * the recursion ends.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -274,53 +274,96 @@ static long percent_decode(char *s, size_t len)
     return (long)out;
 }
 
+/* Copies the JSON Pointer token that ends at '/' or at `end` into `out`,
+ * unescaping "~0" and "~1". Returns its length, or -1 for a bad escape. */
+static long pointer_token(const char *token, const char *end, char *out)
+{
+    long len = 0;
+
+    for (const char *p = token; p < end && *p != '/'; p++) {
+        if (*p == '~') {
+            if (p + 1 >= end || (p[1] != '0' && p[1] != '1'))
+                return -1;
+            out[len++] = p[1] == '0' ? '~' : '/';
+            p++;
+        } else {
+            out[len++] = *p;
+        }
+    }
+    return len;
+}
+
+/* Parses an array index token: decimal digits without a leading zero. */
+static bool parse_index(const char *token, size_t len, size_t *index)
+{
+    *index = 0;
+    if (len == 0 || (len > 1 && token[0] == '0'))
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        if (token[i] < '0' || token[i] > '9' || *index > (SIZE_MAX - 9) / 10)
+            return false;
+        *index = *index * 10 + (size_t)(token[i] - '0');
+    }
+    return true;
+}
+
 /* Finds the value that a JSON Pointer (RFC 6901) names in `doc`. Returns
- * NULL when a token names no member or element. The pointer is modified in
- * place while its tokens are unescaped. */
-static const json_t *pointer_resolve(const json_t *doc, char *pointer,
+ * NULL when a token names no member or element, or on a bad escape. */
+static const json_t *pointer_resolve(const json_t *doc, const char *pointer,
                                      size_t len)
 {
+    const char *end = pointer + len;
     const json_t *cur = doc;
-    size_t pos = 0;
+    char *token = malloc(len + 1);
+    const char *p = pointer;
 
-    while (pos < len) {
-        /* pointer[pos] is the "/" before the next token. */
-        size_t start = ++pos, end = start, out = start;
+    if (token == NULL)
+        return NULL;
+    while (cur != NULL && p < end) {
+        /* p points at the '/' before the next token. */
+        long token_len = pointer_token(++p, end, token);
+        size_t index;
 
-        while (end < len && pointer[end] != '/')
-            end++;
-        for (size_t i = start; i < end; i++) {
-            if (pointer[i] == '~') {
-                if (i + 1 >= end ||
-                    (pointer[i + 1] != '0' && pointer[i + 1] != '1'))
-                    return NULL;
-                pointer[out++] = pointer[i + 1] == '0' ? '~' : '/';
-                i++;
-            } else {
-                pointer[out++] = pointer[i];
-            }
-        }
-        if (json_is_object(cur)) {
-            cur = json_object_getn(cur, pointer + start, out - start);
-        } else if (json_is_array(cur)) {
-            size_t index = 0;
-            if (out == start || (out - start > 1 && pointer[start] == '0'))
-                return NULL;
-            for (size_t i = start; i < out; i++) {
-                if (pointer[i] < '0' || pointer[i] > '9' ||
-                    index > (SIZE_MAX - 9) / 10)
-                    return NULL;
-                index = index * 10 + (size_t)(pointer[i] - '0');
-            }
+        if (token_len < 0) {
+            cur = NULL;
+        } else if (json_is_object(cur)) {
+            cur = json_object_getn(cur, token, (size_t)token_len);
+        } else if (json_is_array(cur) &&
+                   parse_index(token, (size_t)token_len, &index)) {
             cur = json_array_get(cur, index);
         } else {
-            return NULL;
+            cur = NULL;
         }
-        if (cur == NULL)
-            return NULL;
-        pos = end;
+        while (p < end && *p != '/')
+            p++;
     }
+    free(token);
     return cur;
+}
+
+/* Compiles `value` with the location set to "#" and `pointer`, so that its
+ * errors name the place the pointer leads to. */
+static node_t *compile_at(compiler_t *c, const json_t *value,
+                          const char *pointer, size_t len)
+{
+    size_t saved_len = c->location_len;
+    char *saved = strdup(c->location);
+    node_t *node = NULL;
+
+    if (saved == NULL || location_reserve(c, len + 1) != 0) {
+        free(saved);
+        fail_nomem(c);
+        return NULL;
+    }
+    c->location[0] = '#';
+    memcpy(c->location + 1, pointer, len);
+    location_truncate(c, len + 1);
+    node = compile_node(c, value);
+    /* The buffer may have grown, but never below its size on entry. */
+    memcpy(c->location, saved, saved_len + 1);
+    c->location_len = saved_len;
+    free(saved);
+    return node;
 }
 
 /* Compiles "$ref": a fragment of this document, "#" or "#/json/pointer".
@@ -330,10 +373,9 @@ int validate_compile_ref(compiler_t *c, node_t *n, const json_t *value)
 {
     const char *ref = json_string_value(value);
     size_t len = json_string_length(value);
-    size_t saved_len = c->location_len;
-    const json_t *target = NULL;
+    const json_t *target;
     char *fragment;
-    long flen;
+    long fragment_len;
     int rc = -1;
 
     if (ref == NULL)
@@ -349,13 +391,13 @@ int validate_compile_ref(compiler_t *c, node_t *n, const json_t *value)
     if (fragment == NULL)
         return fail_nomem(c);
     memcpy(fragment, ref + 1, len - 1);
-    flen = percent_decode(fragment, len - 1);
-    if (flen < 0) {
+    fragment_len = percent_decode(fragment, len - 1);
+    if (fragment_len < 0) {
         validate_compiler_fail(c, "invalid \"$ref\" \"%s\": bad %% escape",
                                ref);
         goto done;
     }
-    if (flen > 0 && fragment[0] != '/') {
+    if (fragment_len > 0 && fragment[0] != '/') {
         validate_compiler_fail(c,
                                "unsupported keyword \"$ref\" to an anchor "
                                "\"%s\" ($anchor): only JSON Pointer "
@@ -363,27 +405,7 @@ int validate_compile_ref(compiler_t *c, node_t *n, const json_t *value)
                                ref);
         goto done;
     }
-    /* The target compiles with its own location, so that its errors name
-     * the place the pointer leads to. */
-    if (location_reserve(c, (size_t)flen + 1) != 0)
-        goto done;
-    {
-        char *saved = strdup(c->location);
-        if (saved == NULL) {
-            fail_nomem(c);
-            goto done;
-        }
-        memcpy(c->location, "#", 1);
-        memcpy(c->location + 1, fragment, (size_t)flen);
-        c->location_len = (size_t)flen + 1;
-        c->location[c->location_len] = '\0';
-        target = pointer_resolve(c->root_doc, fragment, (size_t)flen);
-        if (target != NULL)
-            n->ref = compile_node(c, target);
-        memcpy(c->location, saved, saved_len + 1);
-        c->location_len = saved_len;
-        free(saved);
-    }
+    target = pointer_resolve(c->root_doc, fragment, (size_t)fragment_len);
     if (target == NULL) {
         validate_compiler_fail(c,
                                "invalid \"$ref\" \"%s\": no such location "
@@ -391,6 +413,7 @@ int validate_compile_ref(compiler_t *c, node_t *n, const json_t *value)
                                ref);
         goto done;
     }
+    n->ref = compile_at(c, target, fragment, (size_t)fragment_len);
     if (n->ref != NULL)
         rc = 0;
 

@@ -147,10 +147,10 @@ static uint64_t pow10_mod(int exponent, uint64_t m)
 }
 
 /* Returns true if n / divisor is an integer, where divisor > 0. Integers use
- * the remainder. Anything else is compared as exact decimals, so the rounding
- * of binary doubles (0.0075 / 0.0001 = 75.00000000000001) never decides, and
- * a quotient too large for a double (1e308 / 0.123456789) still gets an
- * answer. */
+ * the remainder. Anything else is compared as exact decimals, so binary
+ * rounding (19.99 / 0.01 = 1998.9999999999998 in doubles) cannot reject a
+ * true multiple, and a quotient too large for a double (1e308 / 0.123456789)
+ * does not overflow. */
 bool validate_num_is_multiple(const num_t *n, const num_t *divisor,
                               const decimal_t *divisor_decimal)
 {

@@ -1,6 +1,6 @@
 /* Regular expressions for "pattern" and "patternProperties", with PCRE2.
  *
- * JSON Schema asks for ECMA-262 regular expressions. PCRE2 with the options
+ * JSON Schema specifies ECMA-262 regular expressions. PCRE2 with the options
  * below is close to ECMA-262 in Unicode mode: "$" matches only at the end,
  * "\u0041" and "\u{1F600}" are code point escapes, and "\d" and "\w" stay
  * ASCII. PCRE2 10.42 knows only the short names of Unicode general

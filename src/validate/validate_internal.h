@@ -171,9 +171,9 @@ node_t *validate_compile_subschema(compiler_t *c, const json_t *value,
                                    const char *segment2, size_t segment2_len);
 int validate_compile_ref(compiler_t *c, node_t *n, const json_t *value);
 
-/* The keywords that compile accepts (keywords.c). `compile` checks the
- * value of one keyword and stores it in the node, and `field` tells handlers
- * shared by several keywords which one this is. */
+/* A keyword that compilation accepts (keywords.c). `compile` checks the
+ * keyword's value and stores it in the node. `field` selects the node field
+ * when several keywords share one handler. */
 typedef struct keyword {
     const char *name;
     int (*compile)(compiler_t *c, node_t *n, const struct keyword *kw,
