@@ -47,12 +47,10 @@ typedef struct context {
 } context_t;
 
 static bool check_node(const node_t *n, const instance_t *inst,
-                       const path_t *path, context_t *ctx,
-                       const char *keyword);
+                       const path_t *path, context_t *ctx, const char *keyword);
 
-static bool check_json(const node_t *n, const json_t *json,
-                       const path_t *path, context_t *ctx,
-                       const char *keyword)
+static bool check_json(const node_t *n, const json_t *json, const path_t *path,
+                       context_t *ctx, const char *keyword)
 {
     instance_t inst = {json, NULL, 0};
 
@@ -73,8 +71,7 @@ static size_t pointer_length(const path_t *path)
     for (; path != NULL; path = path->parent) {
         len++;
         if (path->key == NULL) {
-            len += (size_t)snprintf(digits, sizeof(digits), "%zu",
-                                    path->index);
+            len += (size_t)snprintf(digits, sizeof(digits), "%zu", path->index);
             continue;
         }
         for (size_t i = 0; i < path->key_len; i++)
@@ -234,8 +231,8 @@ static void report_type(context_t *ctx, const path_t *path, uint8_t types,
  * long to be useful there. */
 static void describe_value(const json_t *v, char *buf, size_t size)
 {
-    char *text = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY |
-                                   JSON_PRESERVE_ORDER);
+    char *text =
+        json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER);
 
     buf[0] = '\0';
     if (text != NULL && strlen(text) < size)
@@ -257,8 +254,7 @@ static bool check_number(const node_t *n, const json_t *inst,
         {HAS_MAXIMUM, offsetof(node_t, maximum), "<=", 1, 1},
         {HAS_EXCLUSIVE_MINIMUM, offsetof(node_t, exclusive_minimum), ">", -1,
          0},
-        {HAS_EXCLUSIVE_MAXIMUM, offsetof(node_t, exclusive_maximum), "<", 1,
-         0},
+        {HAS_EXCLUSIVE_MAXIMUM, offsetof(node_t, exclusive_maximum), "<", 1, 0},
     };
     char limit_text[40], value_text[40];
     bool ok = true;
@@ -351,8 +347,8 @@ static bool check_string(const node_t *n, const char *s, size_t len,
     return ok;
 }
 
-static bool check_array(const node_t *n, const json_t *inst,
-                        const path_t *path, context_t *ctx)
+static bool check_array(const node_t *n, const json_t *inst, const path_t *path,
+                        context_t *ctx)
 {
     size_t size = json_array_size(inst);
     bool ok = true;
@@ -380,9 +376,8 @@ static bool check_array(const node_t *n, const json_t *inst,
         } else {
             schema = n->items;
         }
-        if (schema != NULL &&
-            !check_json(schema, json_array_get(inst, i), &item_path, ctx,
-                        keyword)) {
+        if (schema != NULL && !check_json(schema, json_array_get(inst, i),
+                                          &item_path, ctx, keyword)) {
             ok = false;
             if (ctx->errs == NULL)
                 return false;
@@ -500,8 +495,8 @@ static bool check_object(const node_t *n, const json_t *inst,
     if (!ok && ctx->errs == NULL)
         return false;
     for (size_t i = 0; i < n->required.count && !ctx->stop; i++) {
-        if (json_object_getn(inst, n->required.names[i],
-                             n->required.lens[i]) != NULL)
+        if (json_object_getn(inst, n->required.names[i], n->required.lens[i]) !=
+            NULL)
             continue;
         path_t missing = {path, n->required.names[i], n->required.lens[i], 0};
         ok = false;
@@ -518,8 +513,8 @@ static bool check_object(const node_t *n, const json_t *inst,
             if (json_object_getn(inst, d->required.names[j],
                                  d->required.lens[j]) != NULL)
                 continue;
-            path_t missing = {path, d->required.names[j],
-                              d->required.lens[j], 0};
+            path_t missing = {path, d->required.names[j], d->required.lens[j],
+                              0};
             ok = false;
             report(ctx, &missing, "is required when \"%.*s\" is present",
                    (int)d->len, d->name);
@@ -549,8 +544,8 @@ static bool check_object(const node_t *n, const json_t *inst,
 }
 
 /* Returns true if `inst` is valid against `n`, without recording errors. */
-static bool matches(const node_t *n, const instance_t *inst,
-                    const path_t *path, context_t *ctx)
+static bool matches(const node_t *n, const instance_t *inst, const path_t *path,
+                    context_t *ctx)
 {
     context_t quiet = *ctx;
 
@@ -565,8 +560,8 @@ static bool instance_equal(const instance_t *inst, const json_t *value)
 {
     if (inst->json != NULL)
         return validate_json_equal(inst->json, value);
-    return json_is_string(value) && json_string_length(value) ==
-                                        inst->name_len &&
+    return json_is_string(value) &&
+           json_string_length(value) == inst->name_len &&
            memcmp(json_string_value(value), inst->name, inst->name_len) == 0;
 }
 
@@ -640,8 +635,9 @@ static bool check_applicators(const node_t *n, const instance_t *inst,
         }
         if (matched == 0) {
             ok = false;
-            report(ctx, path, "must match exactly one schema in oneOf, "
-                              "matched none");
+            report(ctx, path,
+                   "must match exactly one schema in oneOf, "
+                   "matched none");
         } else if (matched > 1) {
             ok = false;
             report(ctx, path,
@@ -673,8 +669,7 @@ static bool check_applicators(const node_t *n, const instance_t *inst,
 /* Validates `inst` against `n`. `keyword` names the keyword that applied
  * `n`, for the message of a false schema. */
 static bool check_node(const node_t *n, const instance_t *inst,
-                       const path_t *path, context_t *ctx,
-                       const char *keyword)
+                       const path_t *path, context_t *ctx, const char *keyword)
 {
     bool ok = true;
 
@@ -751,8 +746,8 @@ int schema_validate(const schema_t *s, const json_t *instance,
 
     ctx.schema = s;
     ctx.errs = errs;
-    ctx.limit = errs != NULL && errs->limit != 0 ? errs->limit
-                                                  : DEFAULT_ERROR_LIMIT;
+    ctx.limit =
+        errs != NULL && errs->limit != 0 ? errs->limit : DEFAULT_ERROR_LIMIT;
     if (check_json(s->root, instance, NULL, &ctx, NULL))
         return 0;
     /* An error that could not be stored for lack of memory still makes the

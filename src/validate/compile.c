@@ -97,8 +97,8 @@ static node_t *map_find(const compiler_t *c, const json_t *key)
 {
     if (c->map_cap == 0)
         return NULL;
-    for (size_t i = hash_pointer(key, c->map_cap);; i = (i + 1) &
-                                                      (c->map_cap - 1)) {
+    for (size_t i = hash_pointer(key, c->map_cap);;
+         i = (i + 1) & (c->map_cap - 1)) {
         if (c->map[i].key == NULL)
             return NULL;
         if (c->map[i].key == key)

@@ -36,8 +36,7 @@ static bool expect_char(const char *s, size_t len, size_t *pos, char c)
 
 static int days_in_month(int year, int month)
 {
-    static const int days[] = {31, 28, 31, 30, 31, 30,
-                               31, 31, 30, 31, 30, 31};
+    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
     bool leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
 
     return month == 2 && leap ? 29 : days[month - 1];
@@ -47,8 +46,7 @@ static bool parse_date(const char *s, size_t len, size_t *pos)
 {
     int year, month, day;
 
-    if (!read_digits(s, len, pos, 4, &year) ||
-        !expect_char(s, len, pos, '-') ||
+    if (!read_digits(s, len, pos, 4, &year) || !expect_char(s, len, pos, '-') ||
         !read_digits(s, len, pos, 2, &month) ||
         !expect_char(s, len, pos, '-') || !read_digits(s, len, pos, 2, &day))
         return false;
@@ -72,8 +70,7 @@ static bool parse_offset(const char *s, size_t len, size_t *pos, int *minutes)
         return false;
     sign = s[*pos] == '-' ? -1 : 1;
     (*pos)++;
-    if (!read_digits(s, len, pos, 2, &hour) ||
-        !expect_char(s, len, pos, ':') ||
+    if (!read_digits(s, len, pos, 2, &hour) || !expect_char(s, len, pos, ':') ||
         !read_digits(s, len, pos, 2, &minute))
         return false;
     if (hour > 23 || minute > 59)

@@ -78,8 +78,7 @@ static int compile_string_annotation(compiler_t *c, node_t *n,
 }
 
 static int compile_boolean_annotation(compiler_t *c, node_t *n,
-                                      const keyword_t *kw,
-                                      const json_t *value)
+                                      const keyword_t *kw, const json_t *value)
 {
     return json_is_boolean(value) ? 0 : expected(c, kw, "a boolean", value);
 }
@@ -150,9 +149,9 @@ static int type_bit(const char *name)
         const char *name;
         int bit;
     } types[] = {
-        {"null", TYPE_NULL},     {"boolean", TYPE_BOOLEAN},
-        {"object", TYPE_OBJECT}, {"array", TYPE_ARRAY},
-        {"number", TYPE_NUMBER}, {"string", TYPE_STRING},
+        {"null", TYPE_NULL},       {"boolean", TYPE_BOOLEAN},
+        {"object", TYPE_OBJECT},   {"array", TYPE_ARRAY},
+        {"number", TYPE_NUMBER},   {"string", TYPE_STRING},
         {"integer", TYPE_INTEGER},
     };
 
@@ -172,8 +171,9 @@ static int compile_type(compiler_t *c, node_t *n, const keyword_t *kw,
     if (json_is_string(value)) {
         bit = type_bit(json_string_value(value));
         if (bit == 0)
-            return validate_compiler_fail(c, "invalid \"type\": unknown type "
-                                             "\"%s\"",
+            return validate_compiler_fail(c,
+                                          "invalid \"type\": unknown type "
+                                          "\"%s\"",
                                           json_string_value(value));
         n->types = (uint8_t)bit;
         return 0;
@@ -185,12 +185,14 @@ static int compile_type(compiler_t *c, node_t *n, const keyword_t *kw,
         name = json_string_value(json_array_get(value, i));
         bit = name != NULL ? type_bit(name) : 0;
         if (bit == 0)
-            return validate_compiler_fail(c, "invalid \"type\": element %zu "
-                                             "is not a type name",
+            return validate_compiler_fail(c,
+                                          "invalid \"type\": element %zu "
+                                          "is not a type name",
                                           i);
         if (n->types & bit)
-            return validate_compiler_fail(c, "invalid \"type\": \"%s\" "
-                                             "appears twice",
+            return validate_compiler_fail(c,
+                                          "invalid \"type\": \"%s\" "
+                                          "appears twice",
                                           name);
         n->types |= (uint8_t)bit;
     }
@@ -322,9 +324,8 @@ static int compile_format(compiler_t *c, node_t *n, const keyword_t *kw,
 static int compile_single(compiler_t *c, node_t *n, const keyword_t *kw,
                           const json_t *value)
 {
-    node_t *sub =
-        validate_compile_subschema(c, value, kw->name, strlen(kw->name),
-                                   NULL, 0);
+    node_t *sub = validate_compile_subschema(c, value, kw->name,
+                                             strlen(kw->name), NULL, 0);
 
     if (sub == NULL)
         return -1;
@@ -382,9 +383,9 @@ static int compile_list(compiler_t *c, node_t *n, const keyword_t *kw,
         return validate_compiler_fail(c, "out of memory");
     for (size_t i = 0; i < json_array_size(value); i++) {
         int len = snprintf(index, sizeof(index), "%zu", i);
-        list->items[i] = validate_compile_subschema(
-            c, json_array_get(value, i), kw->name, strlen(kw->name), index,
-            (size_t)len);
+        list->items[i] =
+            validate_compile_subschema(c, json_array_get(value, i), kw->name,
+                                       strlen(kw->name), index, (size_t)len);
         if (list->items[i] == NULL)
             return -1;
         list->count++;
@@ -412,8 +413,7 @@ static int compile_properties(compiler_t *c, node_t *n, const keyword_t *kw,
 
     if (!json_is_object(value))
         return expected(c, kw, "an object", value);
-    n->properties = calloc(json_object_size(value) + 1,
-                           sizeof(*n->properties));
+    n->properties = calloc(json_object_size(value) + 1, sizeof(*n->properties));
     if (n->properties == NULL)
         return validate_compiler_fail(c, "out of memory");
     json_object_keylen_foreach ((json_t *)value, key, key_len, member) {
@@ -433,8 +433,7 @@ static int compile_properties(compiler_t *c, node_t *n, const keyword_t *kw,
 }
 
 static int compile_pattern_properties(compiler_t *c, node_t *n,
-                                      const keyword_t *kw,
-                                      const json_t *value)
+                                      const keyword_t *kw, const json_t *value)
 {
     const char *key;
     size_t key_len;
@@ -443,8 +442,8 @@ static int compile_pattern_properties(compiler_t *c, node_t *n,
 
     if (!json_is_object(value))
         return expected(c, kw, "an object", value);
-    n->pattern_properties = calloc(json_object_size(value) + 1,
-                                   sizeof(*n->pattern_properties));
+    n->pattern_properties =
+        calloc(json_object_size(value) + 1, sizeof(*n->pattern_properties));
     if (n->pattern_properties == NULL)
         return validate_compiler_fail(c, "out of memory");
     json_object_keylen_foreach ((json_t *)value, key, key_len, member) {
@@ -473,8 +472,9 @@ static int compile_name_list(compiler_t *c, const char *keyword,
     size_t count = json_array_size(value);
 
     if (!json_is_array(value))
-        return validate_compiler_fail(c, "invalid \"%s\": expected an "
-                                         "array of strings",
+        return validate_compiler_fail(c,
+                                      "invalid \"%s\": expected an "
+                                      "array of strings",
                                       keyword);
     list->names = calloc(count + 1, sizeof(*list->names));
     list->lens = calloc(count + 1, sizeof(*list->lens));
@@ -484,15 +484,16 @@ static int compile_name_list(compiler_t *c, const char *keyword,
         const json_t *name = json_array_get(value, i);
 
         if (!json_is_string(name))
-            return validate_compiler_fail(c, "invalid \"%s\": element %zu "
-                                             "is not a string",
+            return validate_compiler_fail(c,
+                                          "invalid \"%s\": element %zu "
+                                          "is not a string",
                                           keyword, i);
         for (size_t j = 0; j < i; j++) {
             if (validate_json_equal(name, json_array_get(value, j)))
-                return validate_compiler_fail(c, "invalid \"%s\": \"%s\" "
-                                                 "appears twice",
-                                              keyword,
-                                              json_string_value(name));
+                return validate_compiler_fail(c,
+                                              "invalid \"%s\": \"%s\" "
+                                              "appears twice",
+                                              keyword, json_string_value(name));
         }
         list->names[i] = json_string_value(name);
         list->lens[i] = json_string_length(name);
@@ -508,8 +509,7 @@ static int compile_required(compiler_t *c, node_t *n, const keyword_t *kw,
 }
 
 static int compile_dependent_required(compiler_t *c, node_t *n,
-                                      const keyword_t *kw,
-                                      const json_t *value)
+                                      const keyword_t *kw, const json_t *value)
 {
     const char *key;
     size_t key_len;
@@ -517,8 +517,8 @@ static int compile_dependent_required(compiler_t *c, node_t *n,
 
     if (!json_is_object(value))
         return expected(c, kw, "an object", value);
-    n->dependent_required = calloc(json_object_size(value) + 1,
-                                   sizeof(*n->dependent_required));
+    n->dependent_required =
+        calloc(json_object_size(value) + 1, sizeof(*n->dependent_required));
     if (n->dependent_required == NULL)
         return validate_compiler_fail(c, "out of memory");
     json_object_keylen_foreach ((json_t *)value, key, key_len, member) {

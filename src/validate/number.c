@@ -168,8 +168,8 @@ bool validate_num_is_multiple(const num_t *n, const num_t *divisor,
     if (shift >= 0) {
         /* The value is mantissa * 10^shift in units of the divisor's last
          * digit, so it must be divisible by the divisor's mantissa. */
-        uint128_t product = (uint128_t)(value.mantissa % m) *
-                            pow10_mod(shift, m);
+        uint128_t product =
+            (uint128_t)(value.mantissa % m) * pow10_mod(shift, m);
         return product % m == 0;
     }
     /* The value has digits below the divisor's last digit, so the value's

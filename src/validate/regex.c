@@ -131,8 +131,7 @@ static const char *pcre2_property_name(const char *name, size_t len)
 
 /* Copies `source` with each \p{Long_Name} or \P{Long_Name} replaced by the
  * short name. Returns a malloc'd string, or NULL when out of memory. */
-static char *rewrite_properties(const char *source, size_t len,
-                                size_t *out_len)
+static char *rewrite_properties(const char *source, size_t len, size_t *out_len)
 {
     /* A short name is never longer than the long name it replaces. */
     char *out = malloc(len + 1);
@@ -171,8 +170,8 @@ static char *rewrite_properties(const char *source, size_t len,
     return out;
 }
 
-int validate_regex_compile(schema_regex_t *re, const char *source,
-                           size_t len, char *err, size_t errlen)
+int validate_regex_compile(schema_regex_t *re, const char *source, size_t len,
+                           char *err, size_t errlen)
 {
     pcre2_compile_context *ccontext;
     int code;
@@ -194,8 +193,7 @@ int validate_regex_compile(schema_regex_t *re, const char *source,
     }
     pcre2_set_compile_extra_options(ccontext, PCRE2_EXTRA_ALT_BSUX);
     re->code = pcre2_compile((PCRE2_SPTR)rewritten, rewritten_len,
-                             PCRE2_UTF | PCRE2_DOLLAR_ENDONLY |
-                                 PCRE2_ALT_BSUX,
+                             PCRE2_UTF | PCRE2_DOLLAR_ENDONLY | PCRE2_ALT_BSUX,
                              &code, &offset, ccontext);
     pcre2_compile_context_free(ccontext);
     free(rewritten);

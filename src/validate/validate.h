@@ -45,8 +45,9 @@ int schema_compile(json_t *doc, schema_t **out, char *err, size_t errlen);
 /* Validates `instance` against `s`. Returns 0 when it is valid, or the
  * number of errors appended to `errs` (at least 1) when it is not. Errors
  * from branches of anyOf/oneOf/not that failed are summarised at the
- * branching keyword, not listed one by one. Thread-safe: a compiled schema
- * is read-only. */
+ * branching keyword, not listed one by one. `errs` may be NULL when only
+ * the verdict matters, and then an invalid instance returns 1. Thread-safe:
+ * a compiled schema is read-only. */
 int schema_validate(const schema_t *s, const json_t *instance,
                     validate_errors_t *errs);
 

@@ -155,7 +155,7 @@ typedef struct compiler {
     struct map_entry {
         const json_t *key;
         node_t *node;
-    } *map; /* open addressing: schema value -> its node */
+    } * map; /* open addressing: schema value -> its node */
     size_t map_cap, map_count;
     char *location; /* "#/properties/x" for the schema being compiled */
     size_t location_len, location_cap;
@@ -198,8 +198,9 @@ int validate_regex_compile(schema_regex_t *re, const char *source, size_t len,
                            char *err, size_t errlen);
 void validate_regex_free(schema_regex_t *re);
 pcre2_match_context *validate_regex_match_context(void);
-bool validate_regex_match(const schema_regex_t *re, const pcre2_match_context *mctx,
-                          const char *s, size_t len);
+bool validate_regex_match(const schema_regex_t *re,
+                          const pcre2_match_context *mctx, const char *s,
+                          size_t len);
 
 /* Date-time (date_time.c). */
 bool validate_date_time_n(const char *s, size_t len);

@@ -31,7 +31,6 @@ extern void *__libc_malloc(size_t size);
 extern void *__libc_calloc(size_t count, size_t size);
 extern void *__libc_realloc(void *ptr, size_t size);
 
-
 void *malloc(size_t size)
 {
     allocation_count++;
@@ -241,7 +240,8 @@ static void validate_length_counts_code_points(void **state)
     assert_true(is_valid(s, "\"\xf0\x9f\x92\xa7\xf0\x9f\x92\xa7\""));
     assert_one_error(s, "\"\xf0\x9f\x92\xa7\"", "",
                      "must have at least 2 characters, got 1");
-    assert_one_error(s, "\"abcd\"", "", "must have at most 3 characters, got 4");
+    assert_one_error(s, "\"abcd\"", "",
+                     "must have at most 3 characters, got 4");
     schema_free(s);
 }
 
@@ -443,8 +443,7 @@ static void validate_all_of_reports_each(void **state)
     validate_errors_init(&errs);
     assert_int_equal(check_text(s, "3", &errs), 2);
     assert_string_equal(errs.items[0].reason, "must be >= 5, got 3");
-    assert_string_equal(errs.items[1].reason,
-                        "must be a multiple of 2, got 3");
+    assert_string_equal(errs.items[1].reason, "must be a multiple of 2, got 3");
     validate_errors_clear(&errs);
     schema_free(s);
 }
@@ -518,10 +517,9 @@ static void validate_recursive_ref(void **state)
 
     assert_true(is_valid(s, "{\"value\": 1, \"children\": [{\"value\": 2, "
                             "\"children\": [{\"value\": 3}]}]}"));
-    assert_one_error(s,
-                     "{\"children\": [{\"children\": [{\"value\": \"x\"}]}]}",
-                     "/children/0/children/0/value",
-                     "must be of type integer, got string");
+    assert_one_error(
+        s, "{\"children\": [{\"children\": [{\"value\": \"x\"}]}]}",
+        "/children/0/children/0/value", "must be of type integer, got string");
     schema_free(s);
 }
 
@@ -685,7 +683,8 @@ static void date_time_rejects_malformed(void **state)
         "2026-12-04T17:00:00+24:00",
         "1998-12-31T22:59:60Z",
         "2026-12-04T17:00:00Zjunk",
-        "\xd9\xa2" "026-12-04T17:00:00Z",
+        "\xd9\xa2"
+        "026-12-04T17:00:00Z",
     };
     for (size_t i = 0; i < sizeof(invalid) / sizeof(invalid[0]); i++) {
         if (validate_is_date_time(invalid[i]))

@@ -124,8 +124,8 @@ static void run_group(const char *file, const json_t *group, totals_t *t)
     if (schema_compile(json_object_get(group, "schema"), &schema, err,
                        sizeof(err)) != 0) {
         if (unsupported_keyword(err, keyword, sizeof(keyword))) {
-            printf("skipped %s \"%s\": %s (%s)\n", file, description,
-                   keyword, err);
+            printf("skipped %s \"%s\": %s (%s)\n", file, description, keyword,
+                   err);
             t->skipped += (int)json_array_size(tests);
         } else {
             printf("FAILED %s \"%s\": schema did not compile: %s\n", file,
@@ -155,8 +155,7 @@ static void run_file(const char *dir, const char *file, totals_t *t)
     json_t *groups, *group;
     size_t i;
 
-    if (snprintf(path, sizeof(path), "%s/%s", dir, file) >=
-        (int)sizeof(path)) {
+    if (snprintf(path, sizeof(path), "%s/%s", dir, file) >= (int)sizeof(path)) {
         printf("FAILED %s: path too long\n", file);
         t->failed++;
         return;
@@ -168,8 +167,9 @@ static void run_file(const char *dir, const char *file, totals_t *t)
         t->failed++;
         return;
     }
-    json_array_foreach (groups, i, group)
+    json_array_foreach (groups, i, group) {
         run_group(file, group, t);
+    }
     json_decref(groups);
 }
 
@@ -194,8 +194,7 @@ static void suite_passes_supported_groups(void **state)
         free(files[i]);
     }
     free(files);
-    printf("%d passed, %d failed, %d skipped\n", t.passed, t.failed,
-           t.skipped);
+    printf("%d passed, %d failed, %d skipped\n", t.passed, t.failed, t.skipped);
     assert_int_equal(t.failed, 0);
     assert_true(t.passed > 0);
 }
