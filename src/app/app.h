@@ -14,8 +14,4 @@ int app_check_config(const char *config_path);
 /* Runs `ingestd device SUBCOMMAND ...`; argv[0] is the subcommand. */
 int app_device(const char *config_path, int argc, char **argv);
 
-/* Creates `path` and its missing parents with mode 0750. Returns 0 or -1
- * with errno set. */
-int app_mkdir_p(const char *path);
-
 #endif

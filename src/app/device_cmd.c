@@ -10,6 +10,7 @@
 #include "auth/auth.h"
 #include "core/config.h"
 #include "core/errors.h"
+#include "core/fsutil.h"
 
 static void format_ms(int64_t ms, char *buf, size_t len)
 {
@@ -52,7 +53,7 @@ static int open_registry(const config_t *cfg, registry_t **reg)
     slash = strrchr(dir, '/');
     if (slash != NULL && slash != dir) {
         *slash = '\0';
-        if (app_mkdir_p(dir) != 0) {
+        if (fs_mkdir_p(dir) != 0) {
             fprintf(stderr, "ingestd: cannot create folder %s: %s\n", dir,
                     strerror(errno));
             free(dir);

@@ -14,6 +14,7 @@
 #include "auth/auth.h"
 #include "core/config.h"
 #include "core/errors.h"
+#include "core/fsutil.h"
 #include "core/log.h"
 #include "core/metrics.h"
 #include "http/http.h"
@@ -65,29 +66,6 @@ struct server {
 };
 
 static server_t *the_server; /* for the spool's sync observer */
-
-int app_mkdir_p(const char *path)
-{
-    char buf[4096];
-    size_t len = strlen(path);
-
-    if (len == 0 || len >= sizeof(buf)) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    memcpy(buf, path, len + 1);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(buf, 0750) != 0 && errno != EEXIST)
-            return -1;
-        *p = '/';
-    }
-    if (mkdir(buf, 0750) != 0 && errno != EEXIST)
-        return -1;
-    return 0;
-}
 
 static void on_worker_handle_closed(uv_handle_t *h)
 {
@@ -367,7 +345,7 @@ static int start_storage(server_t *s, char *err, size_t errlen)
     spool_options_t opts = {0};
     int rc;
 
-    if (app_mkdir_p(s->cfg->data_dir) != 0) {
+    if (fs_mkdir_p(s->cfg->data_dir) != 0) {
         snprintf(err, errlen, "cannot create data_dir %s: %s",
                  s->cfg->data_dir, strerror(errno));
         return ING_EIO;

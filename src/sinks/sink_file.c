@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <dirent.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +20,7 @@
 #include <unistd.h>
 
 #include "core/errors.h"
+#include "core/fsutil.h"
 #include "core/log.h"
 #include "sinks/sink.h"
 
@@ -48,30 +50,6 @@ static const char *error_text(char *buf, size_t size, int err)
     return log_quote(buf, size, strerror_r(err, text, sizeof(text)));
 }
 
-/* Creates `path` and its missing parents with mode 0750. */
-static int make_dirs(const char *path)
-{
-    char buf[PATH_MAX];
-    size_t len = strlen(path);
-
-    if (len == 0 || len >= sizeof(buf)) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    memcpy(buf, path, len + 1);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(buf, 0750) < 0 && errno != EEXIST)
-            return -1;
-        *p = '/';
-    }
-    if (mkdir(buf, 0750) < 0 && errno != EEXIST)
-        return -1;
-    return 0;
-}
-
 static void file_close(void *state)
 {
     file_sink_t *f = state;
@@ -88,6 +66,72 @@ static void file_close(void *state)
     free(f);
 }
 
+/* Finds the newest output file and cuts a partial last line off it. A
+ * process killed in the middle of a write leaves such a line behind; its
+ * records were not committed, so they are written again to a new file,
+ * and consumers never see a line that is not whole JSON. */
+static void repair_newest_file(file_sink_t *f)
+{
+    char newest[NAME_MAX + 1] = "";
+    char ebuf[128];
+    char chunk[4096];
+    struct dirent *de;
+    struct stat st;
+    DIR *d;
+    int fd, dup_fd;
+    off_t end, keep = 0;
+
+    dup_fd = dup(f->dir_fd);
+    if (dup_fd < 0 || (d = fdopendir(dup_fd)) == NULL) {
+        if (dup_fd >= 0)
+            close(dup_fd);
+        return;
+    }
+    while ((de = readdir(d)) != NULL) {
+        size_t len = strlen(de->d_name);
+        if (strncmp(de->d_name, "readings-", 9) != 0 || len < 7 ||
+            strcmp(de->d_name + len - 7, ".ndjson") != 0)
+            continue;
+        if (strcmp(de->d_name, newest) > 0)
+            snprintf(newest, sizeof(newest), "%s", de->d_name);
+    }
+    closedir(d);
+    if (newest[0] == '\0')
+        return;
+    fd = openat(f->dir_fd, newest, O_RDWR | O_CLOEXEC);
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size == 0)
+        goto done;
+    /* Scan backwards for the last newline. */
+    for (end = st.st_size; end > 0 && keep == 0;) {
+        size_t want = end > (off_t)sizeof(chunk) ? sizeof(chunk) : (size_t)end;
+        ssize_t got = pread(fd, chunk, want, end - (off_t)want);
+        if (got != (ssize_t)want)
+            goto done;
+        for (ssize_t i = got - 1; i >= 0; i--) {
+            if (chunk[i] == '\n') {
+                keep = end - (off_t)want + i + 1;
+                break;
+            }
+        }
+        end -= (off_t)want;
+    }
+    if (keep == st.st_size)
+        goto done;
+    if (ftruncate(fd, keep) < 0 || fsync(fd) < 0) {
+        log_error("cutting a partial line off sink output failed",
+                  "sink=%s file=%s error=%s", f->sink_name, newest,
+                  error_text(ebuf, sizeof(ebuf), errno));
+        goto done;
+    }
+    log_warn("cut a partial last line off sink output",
+             "sink=%s file=%s bytes=%lld", f->sink_name, newest,
+             (long long)(st.st_size - keep));
+
+done:
+    if (fd >= 0)
+        close(fd);
+}
+
 static int file_open(const config_sink_t *cfg, void **state, char *err,
                      size_t errlen)
 {
@@ -97,7 +141,7 @@ static int file_open(const config_sink_t *cfg, void **state, char *err,
         snprintf(err, errlen, "sink %s: path is not set", cfg->name);
         return ING_ECONFIG;
     }
-    if (make_dirs(cfg->path) < 0) {
+    if (fs_mkdir_p(cfg->path) < 0) {
         snprintf(err, errlen, "sink %s: creating folder %s failed: %s",
                  cfg->name, cfg->path, strerror(errno));
         return ING_EIO;
@@ -124,6 +168,7 @@ static int file_open(const config_sink_t *cfg, void **state, char *err,
         file_close(f);
         return ING_ENOMEM;
     }
+    repair_newest_file(f);
     *state = f;
     return 0;
 }

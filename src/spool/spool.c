@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "core/errors.h"
+#include "core/fsutil.h"
 #include "core/log.h"
 #include "spool/spool_internal.h"
 
@@ -134,30 +135,6 @@ static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
             return -1;
         done += (size_t)n;
     }
-    return 0;
-}
-
-/* Creates `path` and its missing parents with mode 0750. */
-static int make_dirs(const char *path)
-{
-    char buf[PATH_MAX];
-    size_t len = strlen(path);
-
-    if (len == 0 || len >= sizeof(buf)) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    memcpy(buf, path, len + 1);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(buf, 0750) < 0 && errno != EEXIST)
-            return -1;
-        *p = '/';
-    }
-    if (mkdir(buf, 0750) < 0 && errno != EEXIST)
-        return -1;
     return 0;
 }
 
@@ -490,7 +467,7 @@ static int open_dirs(spool_t *s, char *err, size_t errlen)
     char path[PATH_MAX];
 
     snprintf(path, sizeof(path), "%s/%s", s->dir, SPOOL_CURSORS_DIR);
-    if (make_dirs(path) < 0) {
+    if (fs_mkdir_p(path) < 0) {
         snprintf(err, errlen, "creating spool folder %s failed: %s", path,
                  strerror(errno));
         return ING_EIO;
