@@ -72,6 +72,25 @@ typedef struct config {
     } admin;
 
     struct {
+        uint64_t max_message_size; /* one WebSocket message, reassembled */
+        uint64_t idle_timeout_ms;  /* no frame at all for this long: close */
+        uint64_t ping_interval_ms; /* server pings an idle connection */
+        uint64_t auth_timeout_ms;  /* first-message authentication window */
+    } ws;
+
+    struct {
+        char *listen; /* host:port, or NULL when the file sets "" */
+        uint64_t max_packet_size;
+        uint64_t connect_timeout_ms; /* TCP accept to CONNECT */
+        uint64_t receive_maximum;    /* QoS 1 and 2 in flight per client */
+        uint64_t topic_alias_maximum;
+        uint64_t max_session_expiry_s; /* cap on a client's request */
+        uint64_t max_keepalive_s;      /* cap, sent as Server Keep Alive */
+        uint64_t max_connections;      /* per worker */
+        uint64_t max_subscriptions;    /* feedback filters per session */
+    } mqtt;
+
+    struct {
         enum spool_durability durability;
         uint64_t segment_size;
         uint64_t max_size; /* 503 past this many bytes on disk */
