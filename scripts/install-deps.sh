@@ -7,7 +7,7 @@ set -eu
 build_pkgs="build-essential cmake pkg-config libuv1-dev node-llhttp \
 libjansson-dev libyaml-dev libsqlite3-dev libssl-dev libpcre2-dev"
 test_pkgs="libcmocka-dev curl python3 python3-requests python3-pytest \
-sqlite3 wrk nginx-light"
+sqlite3 wrk nginx-light mosquitto mosquitto-clients clang"
 
 want="$build_pkgs"
 if [ "${1:-build}" = "test" ]; then

@@ -29,13 +29,18 @@ static const uint8_t auth_codes[] = {0x00, 0x18, 0x19};
 /* The parts of a packet as measured before writing. */
 struct layout {
     uint8_t first_byte;
-    size_t fixed_len;  /* variable header bytes before the properties */
-    bool has_props;    /* whether the property length is written */
-    unsigned drop;     /* MQTT_DROP_* flags in effect */
-    size_t props_len;  /* property list length without its prefix */
-    size_t tail_len;   /* payload or reason code list after properties */
-    size_t body_len;   /* remaining length */
-    size_t total_len;  /* the whole packet */
+    size_t fixed_len;      /* variable header bytes before the properties */
+    bool has_props;        /* whether the packet type carries properties */
+    bool omit_empty_props; /* an empty list may go with its length byte */
+    bool has_code;         /* a reason code follows the fixed part */
+    bool omit_code;        /* the code may go when no property is sent */
+    unsigned drop;         /* MQTT_DROP_* flags in effect */
+    size_t props_len;      /* property list length without its prefix */
+    size_t tail_len;       /* payload or reason code list after properties */
+    bool write_props;      /* outputs of measure(): what gets written */
+    bool write_code;
+    size_t body_len;       /* remaining length */
+    size_t total_len;      /* the whole packet */
 };
 
 static bool code_in(uint8_t code, const uint8_t *list, size_t n)
@@ -58,8 +63,11 @@ static bool codes_in(const uint8_t *codes, size_t count, const uint8_t *list,
 static bool measure(struct layout *l, const mqtt_props_t *props)
 {
     l->props_len = l->has_props ? mqtt_props_size(props, l->drop) : 0;
-    l->body_len = l->fixed_len + l->tail_len;
-    if (l->has_props)
+    l->write_props =
+        l->has_props && !(l->props_len == 0 && l->omit_empty_props);
+    l->write_code = l->has_code && !(l->omit_code && !l->write_props);
+    l->body_len = l->fixed_len + (l->write_code ? 1 : 0) + l->tail_len;
+    if (l->write_props)
         l->body_len += mqtt_varint_size((uint32_t)l->props_len) + l->props_len;
     if (l->props_len > MQTT_VARINT_MAX || l->body_len > MQTT_VARINT_MAX)
         return false;
@@ -99,7 +107,7 @@ static uint8_t *write_header(uint8_t *out, const struct layout *l)
 static uint8_t *write_props(uint8_t *out, const struct layout *l,
                             const mqtt_props_t *props)
 {
-    if (!l->has_props)
+    if (!l->write_props)
         return out;
     out = mqtt_write_varint(out, (uint32_t)l->props_len);
     return mqtt_props_write(out, props, l->drop);
@@ -207,29 +215,26 @@ static int encode_reason_packet(uint8_t *buf, size_t cap, uint8_t first_byte,
                                 uint8_t reason_code, bool omit_props_len,
                                 const mqtt_props_t *props, size_t max_packet)
 {
-    struct layout l = {.first_byte = first_byte, .fixed_len = fixed_len + 1};
+    struct layout l = {.first_byte = first_byte, .fixed_len = fixed_len};
     uint8_t *out;
     int rc;
 
+    /* Without properties the property length byte can go, and with code
+     * 0x00 the reason code too. */
     l.has_props = true;
+    l.omit_empty_props = reason_code == 0 || omit_props_len;
+    l.has_code = true;
+    l.omit_code = reason_code == 0;
     rc = plan(&l, props, max_packet, true);
     if (rc != 0)
         return rc;
-    /* Without properties the property length byte can go, and with code
-     * 0x00 the reason code too. Both only shrink the packet. */
-    if (l.props_len == 0 && (reason_code == 0 || omit_props_len)) {
-        l.has_props = false;
-        if (reason_code == 0)
-            l.fixed_len = fixed_len;
-        (void)measure(&l, props);
-    }
     if (l.total_len > cap)
         return result(&l);
 
     out = write_header(buf, &l);
     if (fixed_len == 2)
         out = mqtt_write_u16(out, packet_id);
-    if (l.fixed_len > fixed_len)
+    if (l.write_code)
         *out++ = reason_code;
     write_props(out, &l, props);
     return result(&l);

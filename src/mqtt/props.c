@@ -179,9 +179,25 @@ static void set_number(mqtt_props_t *p, int id, uint32_t n)
     case MQTT_PROP_MAXIMUM_PACKET_SIZE:
         p->maximum_packet_size = n;
         break;
+    case MQTT_PROP_SERVER_KEEP_ALIVE:
+        p->server_keep_alive = (uint16_t)n;
+        break;
+    case MQTT_PROP_MAXIMUM_QOS:
+        p->maximum_qos = (uint8_t)n;
+        break;
+    case MQTT_PROP_RETAIN_AVAILABLE:
+        p->retain_available = (uint8_t)n;
+        break;
+    case MQTT_PROP_WILDCARD_SUB_AVAILABLE:
+        p->wildcard_sub_available = (uint8_t)n;
+        break;
+    case MQTT_PROP_SUBSCRIPTION_ID_AVAILABLE:
+        p->subscription_id_available = (uint8_t)n;
+        break;
+    case MQTT_PROP_SHARED_SUB_AVAILABLE:
+        p->shared_sub_available = (uint8_t)n;
+        break;
     }
-    /* The remaining numeric properties are CONNACK-only, which a server
-     * never decodes. */
 }
 
 static int read_value(mqtt_reader_t *r, int type, struct value *v)
