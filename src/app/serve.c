@@ -306,6 +306,11 @@ static void register_metrics(server_t *s)
         "ingestd_spool_fsync_seconds",
         "Duration of each spool fdatasync, which covers one commit group.",
         NULL);
+    metrics_gauge_set(metrics_gauge("ingestd_spool_max_bytes",
+                                    "Configured spool.max_size; new "
+                                    "readings get 503 at this size.",
+                                    NULL),
+                      (int64_t)s->cfg->spool.max_size);
     metrics_gauge_func("ingestd_registry_devices",
                        "Devices in the loaded registry snapshot.", NULL,
                        gauge_devices, s->auth);
