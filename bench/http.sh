@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmarks ingestd's POST /v1/data against nginx answering 204 to the same
-# requests, on the same machine, with the same wrk script (bench/post.lua).
+# Benchmarks ingestd's POST /v1/data against nginx configured to return 204
+# for the same requests, on the same machine, with the same wrk script
+# (bench/post.lua).
 #
 # For each durability mode (fsync, then none) and each connection count, wrk
 # drives ingestd for BENCH_DURATION seconds; nginx gets the same runs once.
@@ -17,6 +18,8 @@
 #                      (default 0 for ingestd and auto for nginx: one per core)
 #   BENCH_TMPDIR       parent of the temporary folder; must be on a real disk,
 #                      because fsync on tmpfs costs nothing (default /var/tmp)
+#   BENCH_SCHEMA       JSON Schema of the device type (default
+#                      schemas/reading.json)
 #   INGESTD            ingestd binary (default: build it in build-bench)
 #   BENCH_KEEP         1 keeps the temporary folder for inspection
 set -euo pipefail
@@ -376,8 +379,8 @@ run_ingestd() {
 
     # wrk stops with up to one request in flight per connection. ingestd
     # may acknowledge those after wrk stopped counting, so the output must
-    # match ingestd's own count of 202 answers, and be at least wrk's.
-    local summary="ingestd sent $served 202 answers (wrk counted $acked);"
+    # match ingestd's own count of 202 responses, and be at least wrk's.
+    local summary="ingestd sent $served 202 responses (wrk counted $acked);"
     summary="$summary output has $lines records, $unique distinct ids"
     if [ "$lines" -eq "$served" ] && [ "$lines" -ge "$acked" ] &&
         [ "$unique" -eq "$lines" ]; then
@@ -403,6 +406,7 @@ report() {
     echo "Spool folder on: $(findmnt -n -o FSTYPE -T "$TMP") ($TMP)"
     echo "wrk: $THREADS threads, ${DURATION}s per run, 1 reading per request"
     echo
+
     printf '%-10s %6s %10s %10s %6s %15s %15s %8s %10s\n' \
         durability conns nginx_rps ingestd_rps ratio \
         "nginx_p50/p99" "ingestd_p50/p99" fsyncs acks/fsync
@@ -428,6 +432,7 @@ report() {
         done
     done
     echo "Latencies in ms. ratio = ingestd_rps / nginx_rps."
+
     echo
     for mode in $MODES; do
         echo "Output check ($mode): ${CHECK[$mode]}"

@@ -19,9 +19,9 @@ local requests = {}
 local next_request = 1
 
 local function make_body(i)
-    -- Values move a little between bodies so that a server cannot cache
-    -- one parse result. Timestamps are fixed: the schema accepts any past
-    -- RFC 3339 time and a fixed one keeps every body the same length.
+    -- Values and timestamps vary between bodies so that a server cannot
+    -- cache one parse result. Every field has a fixed width, so every body
+    -- has the same length.
     local sensor = 40 + (i % 20) * 0.75
     local temperature = 21.5 + (i % 7) * 0.1
     local humidity = 48 + (i % 11) * 0.5

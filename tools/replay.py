@@ -1,12 +1,12 @@
 #!/usr/bin/python3
 """Simulate a fleet of devices sending readings to ingestd over HTTP.
 
-The simulator registers devices with `ingestd device add`, then sends a
-time-compressed mix of readings from them: temperature sensors every 10 s,
-humidity sensors every 30 s and battery monitors every 60 s of simulated
-time, with diurnal curves, slow drift and noise. A few percent of readings
+The simulator registers devices with `ingestd device add`. It then sends a
+time-compressed mix of readings: temperature sensors every 10 s, humidity
+sensors every 30 s and battery monitors every 60 s of simulated time. Values
+follow diurnal curves with slow drift and noise. A few percent of readings
 are invalid on purpose and a few requests come from unknown keys. Every
-answer is compared with what the request deserved, so the exit status
+response is compared with what the request deserved, so the exit status
 doubles as a test: 0 only when every valid request was accepted and every
 bad one was rejected with the right status.
 
@@ -179,7 +179,7 @@ def load_or_register(args, rng):
 
     if not path:
         path = f"replay-devices-{prefix.rstrip('-')}.json"
-    # The file holds API keys, so only its owner may read it.
+    # The file contains API keys, so only its owner may read it.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump({"config": os.path.abspath(args.config),
@@ -190,11 +190,11 @@ def load_or_register(args, rng):
 
 
 def wait_until_known(url, devices, timeout_s):
-    """Wait until ingestd knows every device's key.
+    """Wait until ingestd accepts every device's key.
 
     The service reloads its registry every registry.reload_interval, so new
-    keys get 401 for a moment. Each probe sends an empty JSON object, which
-    a known key gets rejected as invalid (400) and stores nothing.
+    keys get 401 for a moment. Each probe sends an empty JSON object. With a
+    known key it gets 400 (invalid reading), so nothing is stored.
     """
     deadline = time.monotonic() + timeout_s
     pending = list(devices)
@@ -330,7 +330,7 @@ def make_invalid(reading, kinds, rng):
 
 @dataclasses.dataclass
 class Job:
-    """One request to send and what its answer must be."""
+    """One request to send and what its response must be."""
 
     body: bytes
     content_type: str
@@ -340,7 +340,7 @@ class Job:
     invalid_indices: frozenset
     whole_body_broken: bool
     # For accepted requests: (device_id, sensor_value) of each reading in
-    # request order, matched against the ids of the 202 answer.
+    # request order, matched against the ids of the 202 response.
     sent: list
 
 
@@ -449,8 +449,8 @@ class Stats:
             self.unexpected.append(f"{message}; body starts {snippet!r}")
 
 
-def check_answer(job, resp, stats):
-    """Compare one final answer with the request's expectation and count
+def check_response(job, resp, stats):
+    """Compare one final response with the request's expectation and count
     it. Call with stats.lock held."""
     status = resp.status_code
     try:
@@ -507,7 +507,7 @@ def check_answer(job, resp, stats):
                 f"{sorted(job.invalid_indices)}")
     elif code != "invalid_json":
         # An unparsable NDJSON line may be reported either way; any other
-        # code is a wrong answer.
+        # code is a wrong response.
         stats.add_unexpected(job, f"invalid request got error {code!r}")
 
 
@@ -554,7 +554,7 @@ def sender(url, jobs, stats, args, hard_deadline):
                 with stats.lock:
                     if resp.status_code == 503:
                         stats.gave_up_503 += 1
-                    check_answer(job, resp, stats)
+                    check_response(job, resp, stats)
                 break
 
 
@@ -568,7 +568,7 @@ def run_fleet(args, url, devices, rng, stats):
     jobs = queue.Queue(maxsize=args.concurrency * 2)
     start = time.monotonic()
     end = start + args.duration
-    # Senders may finish retries and slow answers after the schedule ends.
+    # Senders may finish retries and slow responses after the schedule ends.
     hard_deadline = end + args.timeout * (args.max_retries + 1)
     sim_origin = time.time() - args.duration * args.speed
 
@@ -718,7 +718,7 @@ def report(stats, elapsed_s, verify, args):
         "requests_per_s": round(stats.requests / elapsed_s, 1)
         if elapsed_s > 0 else 0,
         "max_schedule_lag_s": round(stats.max_lag_s, 3),
-        "unexpected_answers": stats.unexpected_count,
+        "unexpected_responses": stats.unexpected_count,
     }
     failed = stats.unexpected_count > 0
     if verify is not None:
@@ -752,7 +752,7 @@ def report(stats, elapsed_s, verify, args):
               f"different device or value, {o['duplicates']} duplicates")
         for message_id in verify[1][:5]:
             print(f"  missing from output: {message_id}")
-    print(f"unexpected  {out['unexpected_answers']} answers")
+    print(f"unexpected  {out['unexpected_responses']} responses")
     for line in stats.unexpected:
         print(f"  {line}")
     if args.json_report:
@@ -768,7 +768,7 @@ def report(stats, elapsed_s, verify, args):
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description="Simulate a fleet of devices sending readings to "
-        "ingestd and check every answer.")
+        "ingestd and check every response.")
     p.add_argument("-c", "--config", required=True,
                    help="ingestd config file, used by `ingestd device add` "
                    "and for the default --url")
@@ -810,11 +810,11 @@ def parse_args(argv):
                    help="stop after this many requests (default 0: no "
                    "limit besides --duration)")
     p.add_argument("--max-retries", type=int, default=5,
-                   help="retries of a request answered 503 (default 5)")
+                   help="retries of a request that got 503 (default 5)")
     p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds to wait for one answer (default 10)")
+                   help="seconds to wait for one response (default 10)")
     p.add_argument("--ready-timeout", type=float, default=30.0,
-                   help="seconds to wait until ingestd knows the new keys "
+                   help="seconds to wait until ingestd loads the new keys "
                    "(default 30)")
     p.add_argument("--verify-output", metavar="DIR",
                    help="file sink output folder; check that every "

@@ -1,10 +1,10 @@
 """Run tools/replay.py small against a real ingestd.
 
-The replay tool checks every answer itself and exits 0 only when each
+The replay tool checks every response itself and exits 0 only when each
 valid request was accepted, each bad one was rejected with the expected
 status, and every accepted id reached the file sink. These tests run it
 against servers from conftest.py and also check that it fails when the
-service answers differently than it expects.
+service responses differently than it expects.
 """
 
 import json
@@ -50,7 +50,7 @@ def test_replay_small_fleet_passes(ingestd_factory):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert report is not None, output
-    assert report["unexpected_answers"] == 0, output
+    assert report["unexpected_responses"] == 0, output
     assert report["requests_valid"] > 0, output
     assert report["accepted_readings"] > 0, output
     # Both kinds of bad requests were sent, and each was rejected.
@@ -114,12 +114,12 @@ def test_replay_fails_on_disabled_device(ingestd_factory):
         time.sleep(0.1)
 
     # The simulator expects the disabled device's valid readings to be
-    # accepted, so the 403 answers must make it fail.
+    # accepted, so the 403 responses must make it fail.
     proc, report = run_replay(
         server, "--devices", "3", "--duration", "3", "--speed", "60",
         "--invalid-rate", "0", "--unknown-rate", "0",
         "--devices-file", str(devices_file))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert report["rejected_by_status"].get("403", 0) > 0, proc.stdout
-    assert report["unexpected_answers"] > 0, proc.stdout
+    assert report["unexpected_responses"] > 0, proc.stdout
     assert "device_disabled" in report["rejected_by_code"], proc.stdout
