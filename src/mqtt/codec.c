@@ -72,7 +72,8 @@ static bool version_valid(int version)
 }
 
 /* Reads the CONNECT flags byte and checks the rules between its bits
- * (section 3.1.2.3). Returns the password flag through `password`. */
+ * (section 3.1.2.3). Returns the user name and password flags through
+ * `username` and `password`. */
 static int read_connect_flags(mqtt_reader_t *r, mqtt_connect_t *out,
                               bool *username, bool *password)
 {
@@ -99,7 +100,7 @@ static int read_connect_flags(mqtt_reader_t *r, mqtt_connect_t *out,
 
 /* Reads the protocol name and level. Only "MQTT" with level 4 or 5 is
  * accepted. The MQTT 3.1 name "MQIsdp" gives an unsupported level, so the
- * server can answer CONNACK 0x01 as 3.1.1 asks. */
+ * server can send CONNACK 0x01 as 3.1.1 requires. */
 static int read_protocol(mqtt_reader_t *r, mqtt_connect_t *out)
 {
     mqtt_bytes_t name;

@@ -349,7 +349,7 @@ typedef struct mqtt_suback {
  * `max_packet` is the largest total packet size accepted, fixed header
  * included, or 0 for the protocol limit. A non-minimal remaining length
  * (such as 0x80 0x00 for 0) is accepted.
- * Returns MQTT_NEED_MORE (0) when `buf` holds no complete packet yet, the
+ * Returns MQTT_NEED_MORE (0) when `buf` contains no complete packet yet, the
  * total packet length (header_len + body_len) with `out` filled, or
  * MQTT_E_PACKET_TYPE_RESERVED (type 0), MQTT_E_REMAINING_LENGTH (over 4
  * bytes) or MQTT_E_PACKET_TOO_LARGE. The size check runs as soon as the
@@ -368,7 +368,7 @@ int mqtt_frame(const uint8_t *buf, size_t len, size_t max_packet,
 int mqtt_decode(const mqtt_frame_t *frame, int version, mqtt_packet_t *out);
 
 /* Decodes a CONNECT. Returns 0 or an MQTT_E* code. On error out->version
- * says which CONNACK format to answer in (see mqtt_connect_t). */
+ * gives the CONNACK format to reply with (see mqtt_connect_t). */
 int mqtt_decode_connect(const mqtt_frame_t *frame, mqtt_connect_t *out);
 
 /* Decodes a PUBLISH sent by a client. A Subscription Identifier property is
@@ -425,7 +425,7 @@ uint8_t mqtt_error_reason(int code);
 
 /* Returns the MQTT 3.1.1 CONNACK return code for a CONNECT decode error:
  * 0x01 (unacceptable protocol version) or 0x02 (identifier rejected), or -1
- * when 3.1.1 wants the connection closed without a CONNACK. */
+ * when 3.1.1 requires closing the connection without a CONNACK. */
 int mqtt_error_connack_v311(int code);
 
 /* Returns a static sentence describing an MQTT_E* or ING_E* code. */

@@ -62,6 +62,9 @@ static bool codes_in(const uint8_t *codes, size_t count, const uint8_t *list,
  * when the body exceeds what a remaining length can express. */
 static bool measure(struct layout *l, const mqtt_props_t *props)
 {
+    /* Bounding the parts first keeps the sums below from wrapping. */
+    if (l->fixed_len > MQTT_VARINT_MAX || l->tail_len > MQTT_VARINT_MAX)
+        return false;
     l->props_len = l->has_props ? mqtt_props_size(props, l->drop) : 0;
     l->write_props =
         l->has_props && !(l->props_len == 0 && l->omit_empty_props);

@@ -14,10 +14,9 @@ struct error_info {
     const char *message;
 };
 
-/* The MQTT 5.0 spec calls a packet that cannot be parsed Malformed (0x81)
- * and one that parses but breaks a rule a Protocol Error (0x82), and it
- * names the more specific codes used below for topics, filters, aliases,
- * versions and sizes. */
+/* The MQTT 5.0 spec calls a packet that cannot be parsed Malformed (0x81).
+ * A packet that parses but breaks a rule is a Protocol Error (0x82). The
+ * spec also names the more specific codes used below. */
 static const struct error_info errors[] = {
     {MQTT_E_REMAINING_LENGTH, MALFORMED,
      "remaining length is longer than 4 bytes"},

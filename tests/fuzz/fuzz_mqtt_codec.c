@@ -21,10 +21,11 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static void check(bool ok, const char *what)
+static void check(bool ok, const char *description)
 {
     if (!ok) {
-        fprintf(stderr, "fuzz_mqtt_codec: check failed: %s\n", what);
+        fprintf(stderr, "fuzz_mqtt_codec: check failed: %s\n",
+                description);
         abort();
     }
 }

@@ -2,7 +2,7 @@
 """Capture the MQTT packets that real clients send, as codec test vectors.
 
 Runs mosquitto_pub and mosquitto_sub (Debian package mosquitto-clients)
-against a minimal fake broker on 127.0.0.1 that answers just enough for
+against a minimal fake broker on 127.0.0.1 that replies just enough for
 each client to finish. Every packet a client sends is written as one hex
 line to tests/unit/data/mqtt_<scenario>.hex, and the whole byte stream to
 tests/fuzz/corpus/mqtt/<scenario>.bin as a fuzzing seed.
@@ -170,7 +170,7 @@ def subscribe_reply(body, v5, unsubscribe):
 
 
 def serve(conn, deliver):
-    """Answer one client and return the packets it sent."""
+    """Reply to one client and return the packets it sent."""
     packets = []
     v5 = False
     while True:
@@ -240,9 +240,9 @@ def capture(name, argv, deliver):
 
 def main():
     os.makedirs(CORPUS, exist_ok=True)
-    wanted = sys.argv[1:]
+    requested = sys.argv[1:]
     for name, argv, deliver in SCENARIOS:
-        if not wanted or name in wanted:
+        if not requested or name in requested:
             capture(name, argv, deliver)
 
 
