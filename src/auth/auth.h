@@ -29,6 +29,8 @@ enum auth_result {
     AUTH_OK = 0,
     AUTH_UNKNOWN_KEY = 1, /* no device has this key, or its grace ended */
     AUTH_DISABLED = 2,    /* the key is valid, the device is disabled */
+    /* auth_lookup_device: no device has this id. */
+    AUTH_UNKNOWN_DEVICE = AUTH_UNKNOWN_KEY,
 };
 
 /* Returns 1 if `id` is a valid device id: 1 to 128 characters from
@@ -98,6 +100,14 @@ int auth_reload_if_changed(auth_t *a);
  * current snapshot, so a reload never blocks it longer than a pointer swap. */
 enum auth_result auth_check_key(auth_t *a, const char *key, size_t len,
                                 auth_device_t *dev);
+
+/* Looks up a device by its id, for adapters whose peer already
+ * authenticated the device (the MQTT bridge trusts the broker's login and
+ * takes the id from the topic). Returns AUTH_OK or AUTH_DISABLED and fills
+ * `dev`, or AUTH_UNKNOWN_DEVICE when no device has this id, also for an
+ * invalid id. Thread-safe, like auth_check_key. */
+enum auth_result auth_lookup_device(auth_t *a, const char *id,
+                                    auth_device_t *dev);
 
 /* Number of devices in the current snapshot. */
 size_t auth_device_count(auth_t *a);

@@ -40,6 +40,10 @@ struct snapshot {
     struct snapshot_device *devices;
     size_t slot_mask; /* slot count minus one, and the count is a power of 2 */
     struct key_slot *slots;
+    /* Device indexes by id, for protocols where the broker authenticated
+     * the device and only its id arrives. Same sizing as `slots`. */
+    size_t id_mask;
+    uint32_t *id_slots;
 };
 
 struct auth {
@@ -66,6 +70,7 @@ static void snapshot_free(struct snapshot *s)
         return;
     free(s->devices);
     free(s->slots);
+    free(s->id_slots);
     free(s);
 }
 
@@ -133,6 +138,42 @@ static int build_table(struct snapshot *s, const struct key_list *list)
         while (s->slots[i].device != EMPTY_SLOT)
             i = (i + 1) & s->slot_mask;
         s->slots[i] = list->keys[k];
+    }
+    return 0;
+}
+
+/* FNV-1a, 64 bit. Device ids come from the registry, which only the
+ * operator writes, so a keyed hash is not needed. */
+static size_t id_hash(const char *id)
+{
+    uint64_t h = UINT64_C(14695981039346656037);
+
+    for (; *id; id++) {
+        h ^= (unsigned char)*id;
+        h *= UINT64_C(1099511628211);
+    }
+    return (size_t)h;
+}
+
+/* Fills the id table of `s`, at most half full like the key table. */
+static int build_id_table(struct snapshot *s)
+{
+    size_t slot_count = 16;
+
+    while (slot_count < s->device_count * 2)
+        slot_count *= 2;
+    s->id_slots = malloc(slot_count * sizeof(*s->id_slots));
+    if (s->id_slots == NULL)
+        return ING_ENOMEM;
+    s->id_mask = slot_count - 1;
+    for (size_t i = 0; i < slot_count; i++)
+        s->id_slots[i] = EMPTY_SLOT;
+    for (size_t d = 0; d < s->device_count; d++) {
+        size_t i = id_hash(s->devices[d].id) & s->id_mask;
+
+        while (s->id_slots[i] != EMPTY_SLOT)
+            i = (i + 1) & s->id_mask;
+        s->id_slots[i] = (uint32_t)d;
     }
     return 0;
 }
@@ -264,6 +305,8 @@ static int snapshot_build(auth_t *a, struct snapshot **out)
             goto done;
     }
     rc = build_table(s, &list);
+    if (rc == 0)
+        rc = build_id_table(s);
     if (rc != 0)
         goto done;
     atomic_init(&s->refs, 1);
@@ -444,6 +487,30 @@ enum auth_result auth_check_key(auth_t *a, const char *key, size_t len,
         if (slot->expires_ms != 0 && auth_now_ms() >= slot->expires_ms)
             break;
         d = &s->devices[slot->device];
+        memcpy(dev->id, d->id, sizeof(dev->id));
+        memcpy(dev->type, d->type, sizeof(dev->type));
+        result = d->enabled ? AUTH_OK : AUTH_DISABLED;
+        break;
+    }
+    snapshot_release(s);
+    return result;
+}
+
+enum auth_result auth_lookup_device(auth_t *a, const char *id,
+                                    auth_device_t *dev)
+{
+    enum auth_result result = AUTH_UNKNOWN_DEVICE;
+    struct snapshot *s;
+
+    if (!auth_device_id_valid(id))
+        return AUTH_UNKNOWN_DEVICE;
+    s = snapshot_acquire(a);
+    for (size_t i = id_hash(id) & s->id_mask; s->id_slots[i] != EMPTY_SLOT;
+         i = (i + 1) & s->id_mask) {
+        const struct snapshot_device *d = &s->devices[s->id_slots[i]];
+
+        if (strcmp(d->id, id) != 0)
+            continue;
         memcpy(dev->id, d->id, sizeof(dev->id));
         memcpy(dev->type, d->type, sizeof(dev->type));
         result = d->enabled ? AUTH_OK : AUTH_DISABLED;

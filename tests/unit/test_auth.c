@@ -404,6 +404,59 @@ static void auth_disabled_device_filled(void **state)
     auth_close(a);
 }
 
+static void auth_lookup_by_device_id(void **state)
+{
+    struct fixture *f = *state;
+    char key[AUTH_KEY_LEN + 1];
+    char id[32];
+    auth_device_t dev;
+    auth_t *a;
+
+    /* Enough devices that the id table grows past its first size. */
+    for (int i = 0; i < 40; i++) {
+        snprintf(id, sizeof(id), "dev-%d", i);
+        assert_int_equal(registry_device_add(f->reg, id, "thermo", key), 0);
+    }
+    assert_int_equal(registry_device_add(f->reg, "off-1", "gps", key), 0);
+    assert_int_equal(registry_device_set_enabled(f->reg, "off-1", 0), 0);
+    a = open_auth(f);
+
+    for (int i = 0; i < 40; i++) {
+        snprintf(id, sizeof(id), "dev-%d", i);
+        memset(&dev, 0, sizeof(dev));
+        assert_int_equal(auth_lookup_device(a, id, &dev), AUTH_OK);
+        assert_string_equal(dev.id, id);
+        assert_string_equal(dev.type, "thermo");
+    }
+    memset(&dev, 0, sizeof(dev));
+    assert_int_equal(auth_lookup_device(a, "off-1", &dev), AUTH_DISABLED);
+    assert_string_equal(dev.id, "off-1");
+    assert_string_equal(dev.type, "gps");
+    assert_int_equal(auth_lookup_device(a, "dev-40", &dev),
+                     AUTH_UNKNOWN_DEVICE);
+    assert_int_equal(auth_lookup_device(a, "dev-1/x", &dev),
+                     AUTH_UNKNOWN_DEVICE);
+    assert_int_equal(auth_lookup_device(a, "", &dev), AUTH_UNKNOWN_DEVICE);
+
+    /* A device added later is found after a reload, not before. */
+    assert_int_equal(registry_device_add(f->reg, "late", "thermo", key), 0);
+    assert_int_equal(auth_lookup_device(a, "late", &dev), AUTH_UNKNOWN_DEVICE);
+    assert_int_equal(auth_reload(a), 0);
+    assert_int_equal(auth_lookup_device(a, "late", &dev), AUTH_OK);
+    auth_close(a);
+}
+
+static void auth_lookup_empty_registry(void **state)
+{
+    struct fixture *f = *state;
+    auth_device_t dev;
+    auth_t *a = open_auth(f);
+
+    assert_int_equal(auth_lookup_device(a, "dev-1", &dev),
+                     AUTH_UNKNOWN_DEVICE);
+    auth_close(a);
+}
+
 static void auth_rotate_keeps_old_key_in_grace(void **state)
 {
     struct fixture *f = *state;
@@ -604,6 +657,8 @@ int main(void)
         FIXTURE_TEST(auth_open_missing_file),
         FIXTURE_TEST(auth_check_valid_and_wrong_keys),
         FIXTURE_TEST(auth_disabled_device_filled),
+        FIXTURE_TEST(auth_lookup_by_device_id),
+        FIXTURE_TEST(auth_lookup_empty_registry),
         FIXTURE_TEST(auth_rotate_keeps_old_key_in_grace),
         FIXTURE_TEST(auth_rotate_old_key_expires),
         FIXTURE_TEST(auth_rotate_without_grace),
