@@ -332,7 +332,21 @@ static int resolve_workers(const config_t *cfg)
 static int open_auth(server_t *s, char *err, size_t errlen)
 {
     struct stat st;
+    char *dir;
 
+    /* The registry usually lives in data_dir, which a first start makes. */
+    dir = strdup(s->cfg->registry.path);
+    if (dir == NULL)
+        return ING_ENOMEM;
+    if (strrchr(dir, '/') != NULL && strrchr(dir, '/') != dir)
+        *strrchr(dir, '/') = '\0';
+    if (fs_mkdir_p(dir) != 0) {
+        snprintf(err, errlen, "cannot create folder %s: %s", dir,
+                 strerror(errno));
+        free(dir);
+        return ING_EIO;
+    }
+    free(dir);
     if (stat(s->cfg->registry.path, &st) != 0 && errno == ENOENT) {
         registry_t *reg;
         if (registry_open(s->cfg->registry.path, &reg, err, errlen) != 0)
