@@ -3,9 +3,9 @@
  * config_yaml.c reads the file into a tree of nodes with line numbers.
  * This file maps that tree onto config_t. Every scalar directive is
  * described once in the `directives` table (name, type, bounds, default).
- * The device_types and sinks sections have their own parsers because their
- * keys are names chosen by the operator, but the values inside them go
- * through the same table-driven code.
+ * The device_types, sinks and bridges sections have their own parsers
+ * because their keys are names chosen by the operator or form a sequence,
+ * but the values inside them go through the same table-driven code.
  */
 #include "core/config.h"
 
@@ -165,6 +165,39 @@ static const directive_t sink_directives[] = {
      0},
     {"fsync", TYPE_BOOL, SINK(fsync), 0, 1, "true", NULL, 0},
     {"batch_records", TYPE_INT, SINK(batch_records), 1, 100000, "512", NULL, 0},
+};
+
+#define BRIDGE(member)                                                         \
+    offsetof(config_bridge_t, member), sizeof(((config_bridge_t *)0)->member)
+
+/* The keys of one entry of the bridges sequence. client_id defaults to
+ * "ingestd-<name>", set once the name is known. */
+static const directive_t bridge_directives[] = {
+    {"name", TYPE_NAME, BRIDGE(name), 0, 0, NULL, NULL, 0},
+    {"host", TYPE_STRING, BRIDGE(host), 0, 0, "127.0.0.1", NULL, 0},
+    {"port", TYPE_INT, BRIDGE(port), 1, 65535, "1883", NULL, 0},
+    {"client_id", TYPE_STRING, BRIDGE(client_id), 0, 0, NULL, NULL, 0},
+    {"username", TYPE_STRING, BRIDGE(username), 0, 0, NULL, NULL, 0},
+    {"password", TYPE_STRING, BRIDGE(password), 0, 0, NULL, NULL, 0},
+    {"password_file", TYPE_PATH, BRIDGE(password_file), 0, 0, NULL, NULL, 0},
+    {"topics", TYPE_STRING, BRIDGE(topics_text), 0, 0,
+     "devices/{device_id}/data", NULL, 0},
+    {"shared_group", TYPE_STRING, BRIDGE(shared_group), 0, 0, "ingestd", NULL,
+     FLAG_EMPTY_DISABLES},
+    {"qos", TYPE_INT, BRIDGE(qos), 0, 1, "1", NULL, 0},
+    {"keepalive", TYPE_SECONDS, BRIDGE(keepalive_s), MS_PER_S, 65535 * MS_PER_S,
+     "30s", NULL, 0},
+    {"reconnect_min", TYPE_DURATION, BRIDGE(reconnect_min_ms), 10, MS_PER_H,
+     "500ms", NULL, 0},
+    {"reconnect_max", TYPE_DURATION, BRIDGE(reconnect_max_ms), 10, MS_PER_H,
+     "30s", NULL, 0},
+    {"session_expiry", TYPE_SECONDS, BRIDGE(session_expiry_s), 0,
+     (uint64_t)UINT32_MAX * MS_PER_S, "1h", NULL, 0},
+    {"tls_ca_file", TYPE_PATH, BRIDGE(tls_ca_file), 0, 0, NULL, NULL, 0},
+    {"tls_cert_file", TYPE_PATH, BRIDGE(tls_cert_file), 0, 0, NULL, NULL, 0},
+    {"tls_key_file", TYPE_PATH, BRIDGE(tls_key_file), 0, 0, NULL, NULL, 0},
+    {"feedback_topic", TYPE_STRING, BRIDGE(feedback_topic), 0, 0, "", NULL,
+     FLAG_EMPTY_DISABLES},
 };
 
 /* The schema key of a device type, which is a path with no default. */
@@ -963,6 +996,263 @@ static int parse_device_types(load_t *ld, const config_node_t *key,
     return rc;
 }
 
+/* ---- Bridges to MQTT brokers ---- */
+
+/* Maximum size of a password_file. A password is a line, not a document. */
+#define PASSWORD_FILE_MAX 4096
+
+/* Checks an MQTT topic template: no wildcards, no leading '$' (those
+ * topics belong to the broker), and "{device_id}" exactly once as a whole
+ * level. Returns NULL when valid, or the reason. */
+static const char *check_topic_template(const char *t)
+{
+    static const char placeholder[] = "{device_id}";
+    const size_t len = sizeof placeholder - 1;
+    const char *at = strstr(t, placeholder);
+
+    if (t[0] == '\0')
+        return "a topic is empty";
+    if (t[0] == '$')
+        return "a topic starts with '$', which is reserved for the broker";
+    if (strpbrk(t, "+#"))
+        return "a topic contains the wildcard '+' or '#'";
+    if (!at)
+        return "a topic has no {device_id} level";
+    if (strstr(at + len, placeholder))
+        return "a topic has {device_id} more than once";
+    if ((at != t && at[-1] != '/') || (at[len] != '\0' && at[len] != '/'))
+        return "{device_id} must be a whole topic level, such as "
+               "devices/{device_id}/data";
+    if (strlen(t) > 65535)
+        return "a topic is longer than 65535 bytes";
+    return NULL;
+}
+
+/* Splits the comma-separated topics of `b` into b->topics, trimming
+ * spaces around each. Returns 0, ING_ENOMEM, or VALUE_INVALID with the
+ * reason in `*reason`. */
+static int split_topics(config_bridge_t *b, const char **reason)
+{
+    const char *p = b->topics_text;
+    size_t count = 1;
+
+    for (const char *c = p; *c; c++)
+        count += *c == ',';
+    b->topics = calloc(count, sizeof *b->topics);
+    if (!b->topics)
+        return ING_ENOMEM;
+    for (;;) {
+        size_t n = strcspn(p, ",");
+        const char *start = p, *end = p + n;
+        char *topic;
+
+        while (start < end && *start == ' ')
+            start++;
+        while (end > start && end[-1] == ' ')
+            end--;
+        topic = strndup(start, (size_t)(end - start));
+        if (!topic)
+            return ING_ENOMEM;
+        b->topics[b->topic_count++] = topic;
+        *reason = check_topic_template(topic);
+        if (*reason)
+            return VALUE_INVALID;
+        for (size_t i = 0; i + 1 < b->topic_count; i++) {
+            if (strcmp(b->topics[i], topic) == 0) {
+                *reason = "a topic is listed twice";
+                return VALUE_INVALID;
+            }
+        }
+        if (p[n] == '\0')
+            return 0;
+        p += n + 1;
+    }
+}
+
+/* Reads the secret in b->password_file into b->password. One trailing
+ * line end is dropped, since editors add it. */
+static int read_password_file(load_t *ld, config_bridge_t *b,
+                              const char *prefix, unsigned long line)
+{
+    char reason[128];
+    char buf[PASSWORD_FILE_MAX + 1];
+    size_t n;
+    FILE *f;
+
+    if (open_regular_file(b->password_file, &f, reason, sizeof reason) != 0)
+        return config_fail(&ld->error, line,
+                           "%s.password_file: cannot read %s: %s", prefix,
+                           b->password_file, reason);
+    n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    if (n > PASSWORD_FILE_MAX)
+        return config_fail(&ld->error, line,
+                           "%s.password_file: %s is over %d bytes; it must "
+                           "contain only the password",
+                           prefix, b->password_file, PASSWORD_FILE_MAX);
+    if (n > 0 && buf[n - 1] == '\n')
+        n--;
+    if (n > 0 && buf[n - 1] == '\r')
+        n--;
+    buf[n] = '\0';
+    if (n == 0 || strlen(buf) != n)
+        return config_fail(&ld->error, line,
+                           "%s.password_file: %s is empty or contains a NUL "
+                           "character",
+                           prefix, b->password_file);
+    b->password = strdup(buf);
+    explicit_bzero(buf, sizeof buf);
+    return b->password ? 0 : config_fail_nomem(&ld->error);
+}
+
+/* Returns the line of bridge key `key`, or of the whole entry when the
+ * entry leaves the key at its default. */
+static unsigned long bridge_line(const config_node_t *map,
+                                 const config_node_t **nodes, const char *key)
+{
+    const directive_t *d =
+        find_directive(bridge_directives, ARRAY_LEN(bridge_directives), key);
+    const config_node_t *node = nodes[d - bridge_directives];
+
+    return node ? node->line : map->line;
+}
+
+/* Checks the rules of one bridge that span several keys. `nodes` contains
+ * the value node of each bridge directive that the entry sets. */
+static int finish_bridge(load_t *ld, size_t index, const config_node_t *map,
+                         const config_node_t **nodes)
+{
+    config_bridge_t *b = &ld->cfg->bridges[index];
+    const char *reason = NULL;
+    char prefix[32];
+    int rc;
+
+    snprintf(prefix, sizeof prefix, "bridges[%zu]", index);
+    if (!b->client_id) {
+        size_t size = strlen(b->name) + sizeof "ingestd-";
+
+        b->client_id = malloc(size);
+        if (!b->client_id)
+            return config_fail_nomem(&ld->error);
+        snprintf(b->client_id, size, "ingestd-%s", b->name);
+    }
+    rc = split_topics(b, &reason);
+    if (rc == ING_ENOMEM)
+        return config_fail_nomem(&ld->error);
+    if (rc != 0)
+        return config_fail(&ld->error, bridge_line(map, nodes, "topics"),
+                           "%s.topics: %s in \"%s\"", prefix, reason,
+                           b->topics_text);
+    if (b->feedback_topic && (reason = check_topic_template(b->feedback_topic)))
+        return config_fail(&ld->error,
+                           bridge_line(map, nodes, "feedback_topic"),
+                           "%s.feedback_topic: %s", prefix, reason);
+    if (b->shared_group && strpbrk(b->shared_group, "/+#"))
+        return config_fail(&ld->error, bridge_line(map, nodes, "shared_group"),
+                           "%s.shared_group: expected a name without '/', "
+                           "'+' or '#', got \"%s\"",
+                           prefix, b->shared_group);
+    if (b->reconnect_min_ms > b->reconnect_max_ms)
+        return config_fail(&ld->error, bridge_line(map, nodes, "reconnect_min"),
+                           "%s.reconnect_min: must not be greater than "
+                           "reconnect_max",
+                           prefix);
+    if (!b->tls_cert_file != !b->tls_key_file)
+        return config_fail(&ld->error, map->line,
+                           "%s: set both tls_cert_file and tls_key_file, or "
+                           "neither",
+                           prefix);
+    if (b->password && b->password_file)
+        return config_fail(&ld->error, bridge_line(map, nodes, "password_file"),
+                           "%s: set either password or password_file, not "
+                           "both",
+                           prefix);
+    if (b->password_file)
+        return read_password_file(ld, b, prefix,
+                                  bridge_line(map, nodes, "password_file"));
+    return 0;
+}
+
+static int parse_bridge(load_t *ld, size_t index, const config_node_t *map)
+{
+    config_t *cfg = ld->cfg;
+    config_bridge_t *b = &cfg->bridges[index];
+    const config_node_t *nodes[ARRAY_LEN(bridge_directives)] = {0};
+    char prefix[32], name[96], known[256];
+    int rc;
+
+    cfg->bridge_count = index + 1;
+    snprintf(prefix, sizeof prefix, "bridges[%zu]", index);
+    rc = apply_defaults(ld, bridge_directives, ARRAY_LEN(bridge_directives), b);
+    if (rc != 0)
+        return rc;
+    join_keys(bridge_directives, ARRAY_LEN(bridge_directives), "", known,
+              sizeof known);
+    if (map->kind != YAML_MAPPING_NODE)
+        return config_fail(&ld->error, map->line,
+                           "%s: expected a mapping with keys %s, got %s",
+                           prefix, known, config_node_describe(map));
+    rc = config_node_check_keys(&ld->error, map, prefix);
+    for (size_t i = 0; rc == 0 && i < map->count; i += 2) {
+        const config_node_t *key = map->items[i];
+        const directive_t *d = find_directive(
+            bridge_directives, ARRAY_LEN(bridge_directives), key->text);
+
+        if (!d)
+            return fail_unknown_key(ld, key, prefix, known);
+        snprintf(name, sizeof name, "%s.%s", prefix, d->name);
+        rc = apply_directive(ld, d, b, name, map->items[i + 1]);
+        nodes[d - bridge_directives] = map->items[i + 1];
+    }
+    if (rc != 0)
+        return rc;
+    if (!b->name)
+        return config_fail(&ld->error, map->line,
+                           "%s: missing required key \"name\"", prefix);
+    for (size_t j = 0; j < index; j++) {
+        if (strcmp(cfg->bridges[j].name, b->name) == 0)
+            return config_fail(&ld->error, bridge_line(map, nodes, "name"),
+                               "%s.name: \"%s\" is already the name of "
+                               "bridges[%zu]; bridge names must be unique",
+                               prefix, b->name, j);
+    }
+    rc = finish_bridge(ld, index, map, nodes);
+    if (rc != 0)
+        return rc;
+    /* The broker ends the older of two connections with one client id. */
+    for (size_t j = 0; j < index; j++) {
+        const config_bridge_t *other = &cfg->bridges[j];
+
+        if (strcmp(other->client_id, b->client_id) == 0 &&
+            strcmp(other->host, b->host) == 0 && other->port == b->port)
+            return config_fail(&ld->error, map->line,
+                               "%s.client_id: \"%s\" is already the client "
+                               "id of bridges[%zu] on the same broker",
+                               prefix, b->client_id, j);
+    }
+    return 0;
+}
+
+static int parse_bridges(load_t *ld, const config_node_t *seq)
+{
+    int rc = 0;
+
+    if (config_node_is_null(seq))
+        return 0;
+    if (seq->kind != YAML_SEQUENCE_NODE)
+        return config_fail(
+            &ld->error, seq->line,
+            "bridges: expected a sequence of bridge mappings, got %s",
+            config_node_describe(seq));
+    ld->cfg->bridges =
+        calloc(seq->count ? seq->count : 1, sizeof *ld->cfg->bridges);
+    if (!ld->cfg->bridges)
+        return config_fail_nomem(&ld->error);
+    for (size_t i = 0; rc == 0 && i < seq->count; i++)
+        rc = parse_bridge(ld, i, seq->items[i]);
+    return rc;
+}
+
 /* ---- The whole file ---- */
 
 static int parse_root(load_t *ld, const config_node_t *root)
@@ -988,6 +1278,8 @@ static int parse_root(load_t *ld, const config_node_t *root)
             rc = parse_device_types(ld, key, value);
         } else if (strcmp(key->text, "sinks") == 0) {
             rc = parse_sinks(ld, value);
+        } else if (strcmp(key->text, "bridges") == 0) {
+            rc = parse_bridges(ld, value);
         } else if (is_section(key->text)) {
             rc = parse_section(ld, key, value);
         } else if (d && !strchr(d->name, '.')) {
@@ -996,7 +1288,7 @@ static int parse_root(load_t *ld, const config_node_t *root)
         } else {
             join_keys(directives, ARRAY_LEN(directives), "", known,
                       sizeof known);
-            strncat(known, ", device_types, sinks",
+            strncat(known, ", device_types, sinks, bridges",
                     sizeof known - strlen(known) - 1);
             rc = fail_unknown_key(ld, key, NULL, known);
         }
@@ -1200,6 +1492,27 @@ const config_device_type_t *config_device_type(const config_t *cfg,
     return NULL;
 }
 
+static void free_bridge(config_bridge_t *b)
+{
+    free(b->name);
+    free(b->host);
+    free(b->client_id);
+    free(b->username);
+    if (b->password)
+        explicit_bzero(b->password, strlen(b->password));
+    free(b->password);
+    free(b->password_file);
+    for (size_t i = 0; i < b->topic_count; i++)
+        free(b->topics[i]);
+    free(b->topics);
+    free(b->topics_text);
+    free(b->shared_group);
+    free(b->tls_ca_file);
+    free(b->tls_cert_file);
+    free(b->tls_key_file);
+    free(b->feedback_topic);
+}
+
 void config_free(config_t *cfg)
 {
     if (!cfg)
@@ -1215,6 +1528,9 @@ void config_free(config_t *cfg)
         free(cfg->sinks[i].path);
     }
     free(cfg->sinks);
+    for (size_t i = 0; i < cfg->bridge_count; i++)
+        free_bridge(&cfg->bridges[i]);
+    free(cfg->bridges);
     free(cfg->path);
     free(cfg->dir);
     free(cfg->data_dir);

@@ -40,6 +40,33 @@ typedef struct config_sink {
     uint64_t batch_records; /* records read from the spool per batch */
 } config_sink_t;
 
+/* A connection to an existing MQTT broker that ingestd subscribes to, as a
+ * client, to ingest what devices publish there (see docs/bridge.md). */
+typedef struct config_bridge {
+    char *name;      /* unique, names the bridge in metrics and logs */
+    char *host;      /* broker host name or address */
+    int port;
+    char *client_id; /* default "ingestd-<name>"; stable for the session */
+    char *username;  /* NULL for none */
+    char *password;  /* NULL for none; from password or password_file */
+    char *password_file;
+    /* Topic templates, each with one {device_id} level, such as
+     * "devices/{device_id}/data". Parsed from a comma-separated list. */
+    char **topics;
+    size_t topic_count;
+    char *shared_group; /* NULL subscribes without $share/GROUP/ */
+    int qos;            /* 0 or 1 */
+    uint64_t keepalive_s;
+    uint64_t reconnect_min_ms;
+    uint64_t reconnect_max_ms;
+    uint64_t session_expiry_s;
+    char *tls_ca_file; /* TLS is on when any tls_ file is set */
+    char *tls_cert_file;
+    char *tls_key_file;
+    char *feedback_topic; /* template for validation errors; NULL for off */
+    char *topics_text;    /* the topics value as written, for messages */
+} config_bridge_t;
+
 typedef struct config {
     char *path; /* the file this was loaded from */
     char *dir;  /* its folder, against which relative paths resolve */
@@ -104,6 +131,9 @@ typedef struct config {
 
     config_sink_t *sinks;
     size_t sink_count;
+
+    config_bridge_t *bridges;
+    size_t bridge_count;
 } config_t;
 
 /* Loads and checks `path`. On success stores a new config in `*out` and

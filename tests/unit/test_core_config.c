@@ -420,12 +420,12 @@ static void config_rejects_unknown_key(void **state)
     expect_error(fx, MINIMAL "lgo:\n  level: info\n",
                  "4: unknown key \"lgo\" (known keys: log, data_dir, "
                  "registry, http, admin, ws, mqtt, spool, shutdown_timeout, "
-                 "default_device_type, device_types, sinks)");
+                 "default_device_type, device_types, sinks, bridges)");
     /* A dotted key at the top level is not a shortcut for a section. */
     expect_error(fx, MINIMAL "http.listen: 127.0.0.1:80\n",
                  "4: unknown key \"http.listen\" (known keys: log, data_dir, "
                  "registry, http, admin, ws, mqtt, spool, shutdown_timeout, "
-                 "default_device_type, device_types, sinks)");
+                 "default_device_type, device_types, sinks, bridges)");
     expect_error(fx, MINIMAL "    shema: x.json\n",
                  "4: unknown key \"device_types.default.shema\" (known keys "
                  "in device_types.default: schema, schema_inline)");
@@ -809,6 +809,184 @@ static void config_sink_paths_must_differ(void **state)
     expect_error(fx, MINIMAL "sinks:\n  - name: a\n  - name: b\n", message);
 }
 
+static void config_bridges(void **state)
+{
+    fixture_t *fx = *state;
+    const config_bridge_t *b;
+
+    expect_loaded(fx,
+                  MINIMAL "bridges:\n"
+                          "  - name: plant-a\n"
+                          "    host: broker.example\n"
+                          "    port: 8883\n"
+                          "    client_id: ingestd-a-1\n"
+                          "    username: ingest\n"
+                          "    password: s3cret\n"
+                          "    topics: \"a/{device_id}, b/{device_id}/up\"\n"
+                          "    shared_group: \"\"\n"
+                          "    qos: 0\n"
+                          "    keepalive: 1m\n"
+                          "    reconnect_min: 100ms\n"
+                          "    reconnect_max: 5s\n"
+                          "    session_expiry: 0\n"
+                          "    tls_ca_file: ca.pem\n"
+                          "    tls_cert_file: /etc/c.pem\n"
+                          "    tls_key_file: /etc/k.pem\n"
+                          "    feedback_topic: devices/{device_id}/errors\n"
+                          "  - name: plant-b\n");
+    assert_int_equal(fx->cfg->bridge_count, 2);
+    b = &fx->cfg->bridges[0];
+    assert_string_equal(b->name, "plant-a");
+    assert_string_equal(b->host, "broker.example");
+    assert_int_equal(b->port, 8883);
+    assert_string_equal(b->client_id, "ingestd-a-1");
+    assert_string_equal(b->username, "ingest");
+    assert_string_equal(b->password, "s3cret");
+    assert_int_equal(b->topic_count, 2);
+    assert_string_equal(b->topics[0], "a/{device_id}");
+    assert_string_equal(b->topics[1], "b/{device_id}/up");
+    assert_null(b->shared_group);
+    assert_int_equal(b->qos, 0);
+    assert_int_equal(b->keepalive_s, 60);
+    assert_int_equal(b->reconnect_min_ms, 100);
+    assert_int_equal(b->reconnect_max_ms, 5000);
+    assert_int_equal(b->session_expiry_s, 0);
+    assert_string_equal(b->tls_ca_file, path_in(fx, "ca.pem"));
+    assert_string_equal(b->tls_cert_file, "/etc/c.pem");
+    assert_string_equal(b->tls_key_file, "/etc/k.pem");
+    assert_string_equal(b->feedback_topic, "devices/{device_id}/errors");
+
+    b = &fx->cfg->bridges[1];
+    assert_string_equal(b->name, "plant-b");
+    assert_string_equal(b->host, "127.0.0.1");
+    assert_int_equal(b->port, 1883);
+    assert_string_equal(b->client_id, "ingestd-plant-b");
+    assert_null(b->username);
+    assert_null(b->password);
+    assert_int_equal(b->topic_count, 1);
+    assert_string_equal(b->topics[0], "devices/{device_id}/data");
+    assert_string_equal(b->shared_group, "ingestd");
+    assert_int_equal(b->qos, 1);
+    assert_int_equal(b->keepalive_s, 30);
+    assert_int_equal(b->reconnect_min_ms, 500);
+    assert_int_equal(b->reconnect_max_ms, 30000);
+    assert_int_equal(b->session_expiry_s, 3600);
+    assert_null(b->tls_ca_file);
+    assert_null(b->feedback_topic);
+
+    expect_loaded(fx, MINIMAL);
+    assert_int_equal(fx->cfg->bridge_count, 0);
+    expect_loaded(fx, MINIMAL "bridges: []\n");
+    assert_int_equal(fx->cfg->bridge_count, 0);
+}
+
+static void config_bridge_errors(void **state)
+{
+    static const struct {
+        const char *yaml;
+        const char *message;
+    } cases[] = {
+        {"bridges:\n  name: a\n",
+         "5: bridges: expected a sequence of bridge mappings, got a mapping"},
+        {"bridges:\n  - host: x\n",
+         "5: bridges[0]: missing required key \"name\""},
+        {"bridges:\n  - name: a\n  - name: a\n    port: 1884\n",
+         "6: bridges[1].name: \"a\" is already the name of bridges[0]; "
+         "bridge names must be unique"},
+        {"bridges:\n  - name: a\n    prot: 1\n",
+         "6: unknown key \"bridges[0].prot\" (known keys in bridges[0]: name, "
+         "host, port, client_id, username, password, password_file, topics, "
+         "shared_group, qos, keepalive, reconnect_min, reconnect_max, "
+         "session_expiry, tls_ca_file, tls_cert_file, tls_key_file, "
+         "feedback_topic)"},
+        {"bridges:\n  - name: a\n    port: 0\n",
+         "6: bridges[0].port: expected an integer from 1 to 65535, got \"0\""},
+        {"bridges:\n  - name: a\n    qos: 2\n",
+         "6: bridges[0].qos: expected an integer from 0 to 1, got \"2\""},
+        {"bridges:\n  - name: a\n    topics: devices/+/data\n",
+         "6: bridges[0].topics: a topic contains the wildcard '+' or '#' in "
+         "\"devices/+/data\""},
+        {"bridges:\n  - name: a\n    topics: devices/data\n",
+         "6: bridges[0].topics: a topic has no {device_id} level in "
+         "\"devices/data\""},
+        {"bridges:\n  - name: a\n    topics: d/{device_id}x\n",
+         "6: bridges[0].topics: {device_id} must be a whole topic level, such "
+         "as devices/{device_id}/data in \"d/{device_id}x\""},
+        {"bridges:\n  - name: a\n    topics: \"a/{device_id}/{device_id}\"\n",
+         "6: bridges[0].topics: a topic has {device_id} more than once in "
+         "\"a/{device_id}/{device_id}\""},
+        {"bridges:\n  - name: a\n    topics: \"a/{device_id},\"\n",
+         "6: bridges[0].topics: a topic is empty in \"a/{device_id},\""},
+        {"bridges:\n  - name: a\n    topics: \"a/{device_id}, "
+         "a/{device_id}\"\n",
+         "6: bridges[0].topics: a topic is listed twice in \"a/{device_id}, "
+         "a/{device_id}\""},
+        {"bridges:\n  - name: a\n    topics: $SYS/{device_id}\n",
+         "6: bridges[0].topics: a topic starts with '$', which is reserved "
+         "for the broker in \"$SYS/{device_id}\""},
+        {"bridges:\n  - name: a\n    feedback_topic: errors/#\n",
+         "6: bridges[0].feedback_topic: a topic contains the wildcard '+' or "
+         "'#'"},
+        {"bridges:\n  - name: a\n    shared_group: a/b\n",
+         "6: bridges[0].shared_group: expected a name without '/', '+' or "
+         "'#', got \"a/b\""},
+        {"bridges:\n  - name: a\n    reconnect_min: 1m\n",
+         "6: bridges[0].reconnect_min: must not be greater than "
+         "reconnect_max"},
+        {"bridges:\n  - name: a\n    tls_cert_file: c.pem\n",
+         "5: bridges[0]: set both tls_cert_file and tls_key_file, or "
+         "neither"},
+        {"bridges:\n  - name: a\n    password: x\n    password_file: p\n",
+         "7: bridges[0]: set either password or password_file, not both"},
+        {"bridges:\n  - name: a\n  - name: b\n    client_id: ingestd-a\n",
+         "6: bridges[1].client_id: \"ingestd-a\" is already the client id of "
+         "bridges[0] on the same broker"},
+        {"bridges:\n  - name: a\n    keepalive: 0\n",
+         "6: bridges[0].keepalive: expected a duration from 1s to 65535s, "
+         "got \"0\""},
+    };
+    fixture_t *fx = *state;
+    char yaml[512];
+
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        format_text(yaml, sizeof yaml, MINIMAL "%s", cases[i].yaml);
+        expect_error(fx, yaml, cases[i].message);
+    }
+}
+
+static void config_bridge_password_file(void **state)
+{
+    fixture_t *fx = *state;
+    char message[1024];
+
+    write_file(fx->dir, "broker.pass", "from-file\n");
+    expect_loaded(fx, MINIMAL "bridges:\n"
+                              "  - name: a\n"
+                              "    password_file: broker.pass\n");
+    assert_string_equal(fx->cfg->bridges[0].password, "from-file");
+    assert_string_equal(fx->cfg->bridges[0].password_file,
+                        path_in(fx, "broker.pass"));
+
+    write_file(fx->dir, "empty.pass", "\n");
+    format_text(message, sizeof message,
+                "6: bridges[0].password_file: %s/empty.pass is empty or "
+                "contains a NUL character",
+                fx->dir);
+    expect_error(fx,
+                 MINIMAL "bridges:\n  - name: a\n    password_file: "
+                         "empty.pass\n",
+                 message);
+
+    format_text(message, sizeof message,
+                "6: bridges[0].password_file: cannot read %s/missing.pass: "
+                "No such file or directory",
+                fx->dir);
+    expect_error(fx,
+                 MINIMAL "bridges:\n  - name: a\n    password_file: "
+                         "missing.pass\n",
+                 message);
+}
+
 static void config_reports_missing_file(void **state)
 {
     fixture_t *fx = *state;
@@ -900,6 +1078,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(config_sinks, setup, teardown),
         cmocka_unit_test_setup_teardown(config_sink_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(config_sink_paths_must_differ, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(config_bridges, setup, teardown),
+        cmocka_unit_test_setup_teardown(config_bridge_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(config_bridge_password_file, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(config_reports_missing_file, setup,
                                         teardown),
