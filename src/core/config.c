@@ -1537,6 +1537,7 @@ void config_free(config_t *cfg)
     free(cfg->registry.path);
     free(cfg->http.listen);
     free(cfg->admin.listen);
+    free(cfg->mqtt.listen);
     free(cfg->default_device_type);
     free(cfg);
 }
