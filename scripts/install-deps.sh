@@ -1,18 +1,25 @@
 #!/bin/sh
 # Installs the Debian 12 packages that building, running and testing ingestd
 # need. Packages already present are skipped, so a second run is quick.
-# Usage: scripts/install-deps.sh [build|test]
+# Usage: scripts/install-deps.sh [build|test|fuzz]
 set -eu
 
 build_pkgs="build-essential cmake pkg-config libuv1-dev node-llhttp \
 libjansson-dev libyaml-dev libsqlite3-dev libssl-dev libpcre2-dev"
 test_pkgs="libcmocka-dev curl python3 python3-requests python3-pytest \
-sqlite3 wrk nginx-light mosquitto mosquitto-clients clang"
+sqlite3 wrk nginx-light mosquitto mosquitto-clients"
+fuzz_pkgs="clang"
 
 want="$build_pkgs"
-if [ "${1:-build}" = "test" ]; then
-    want="$want $test_pkgs"
-fi
+case "${1:-build}" in
+build) ;;
+test) want="$want $test_pkgs" ;;
+fuzz) want="$want $test_pkgs $fuzz_pkgs" ;;
+*)
+    echo "usage: scripts/install-deps.sh [build|test|fuzz]" >&2
+    exit 2
+    ;;
+esac
 
 missing=""
 for p in $want; do
