@@ -122,3 +122,50 @@ def test_sigkill_loses_no_acknowledged_reading(tmp_path):
     assert not missing, (
         f"{len(missing)} of {len(acked)} acknowledged readings are missing "
         f"after {ROUNDS} SIGKILLs, for example {sorted(missing)[:3]}")
+
+
+def test_sigterm_under_load_answers_in_flight(tmp_path):
+    """SIGTERM drains: exit 0, and every 202 is in the output."""
+    port, admin_port = free_port(), free_port()
+    config = write_config(tmp_path, port, admin_port)
+    keys = {d: add_device(d, config) for d in DEVICES}
+    log = tmp_path / "ingestd.log"
+    url = f"http://127.0.0.1:{port}/v1/data"
+    admin_url = f"http://127.0.0.1:{admin_port}"
+    acked, errors = [], []
+
+    proc = start(config, log, admin_url)
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=sender,
+                         args=(url, d, keys[d], stop, acked, errors))
+        for d in DEVICES
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=30)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+
+    assert code == 0, f"ingestd exited with {code}; log:\n{log.read_text()}"
+    assert not errors, f"unexpected answers: {errors[:5]}"
+    assert len(acked) > 0, "no reading was acknowledged before SIGTERM"
+    seen, bad = output_ids(tmp_path / "data")
+    missing = set(acked) - seen
+    if missing:
+        # Records the sink had not written yet are still in the spool.
+        proc = start(config, log, admin_url)
+        deadline = time.monotonic() + 30
+        while missing and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen, bad = output_ids(tmp_path / "data")
+            missing = set(acked) - seen
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert not bad, f"invalid lines in the sink output: {bad[:3]}"
+    assert not missing, (
+        f"{len(missing)} of {len(acked)} acknowledged readings are missing "
+        f"after SIGTERM")
