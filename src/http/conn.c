@@ -159,6 +159,8 @@ static void use_header(http_request_t *r)
             set_key(r, r->value, r->value_len);
     } else if (strcasecmp(r->field, "expect") == 0) {
         r->expect_continue = strcasecmp(r->value, "100-continue") == 0;
+    } else {
+        http_ws_use_header(r);
     }
 }
 
@@ -296,8 +298,9 @@ static int on_message_complete(llhttp_t *p)
 {
     http_conn_t *c = conn_of(p);
 
-    /* An upgrade would hand the socket to another protocol, which this
-     * listener does not speak, so the connection ends after the response. */
+    /* After an upgrade request the bytes that follow belong to another
+     * protocol: either the route takes the connection over, or it ends
+     * after the response. */
     c->req.keep_alive =
         llhttp_should_keep_alive(p) && !llhttp_get_upgrade(p);
     http_conn_set_state(c, CONN_WAITING);
@@ -401,8 +404,8 @@ void http_conn_process(http_conn_t *c)
         return;
     c->in_process = 1;
     while (!c->closed && c->state != CONN_CLOSING &&
-           c->state != CONN_WAITING && !c->write_wait &&
-           c->in_off < c->in_len)
+           c->state != CONN_WAITING && c->state != CONN_STREAM &&
+           !c->write_wait && c->in_off < c->in_len)
         parse_some(c);
     c->in_process = 0;
     if (c->in_off == c->in_len) {
@@ -481,4 +484,21 @@ void http_conn_turn_away(http_conn_t *c, http_response_t *resp)
     resp->close = 1;
     resp->code = NULL; /* the listener logged it with its own limit */
     http_conn_respond(c, resp);
+}
+
+void http_conn_switch_stream(http_conn_t *c, const http_stream_handler_t *h,
+                             void *arg)
+{
+    size_t left = c->in_len - c->in_off;
+
+    request_reset(&c->req);
+    c->stream = h;
+    c->stream_arg = arg;
+    http_conn_set_state(c, CONN_STREAM);
+    http_conn_update_reading(c);
+    /* A client may send its first frames right behind the request head;
+     * they were read with it and belong to the stream. */
+    c->in_off = c->in_len;
+    if (left > 0)
+        h->on_read(arg, c->in + c->in_len - left, left);
 }

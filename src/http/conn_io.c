@@ -36,6 +36,10 @@ void http_conn_close(http_conn_t *c)
         return;
     c->closed = 1;
     c->reading = 0;
+    if (c->stream != NULL && !c->stream_closed) {
+        c->stream_closed = 1;
+        c->stream->on_close(c->stream_arg);
+    }
     l->conn_count--;
     if (c->counted)
         l->served--;
@@ -115,6 +119,8 @@ void http_conn_set_state(http_conn_t *c, enum http_conn_state state)
         arm(c, lim->body_timeout_ms);
         break;
     case CONN_WAITING:
+    case CONN_STREAM:
+        /* The stream handler keeps its own timers. */
         uv_timer_stop(&c->timer);
         break;
     case CONN_CLOSING:
@@ -175,6 +181,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             http_conn_close(c);
         return;
     }
+    if (c->state == CONN_STREAM) {
+        c->stream->on_read(c->stream_arg, buf->base, (size_t)nread);
+        return;
+    }
     if (keep_input(c, buf->base, (size_t)nread) != 0) {
         http_conn_close(c);
         return;
@@ -188,8 +198,11 @@ void http_conn_update_reading(http_conn_t *c)
 
     if (c->closed)
         return;
-    want = c->state == CONN_CLOSING ||
-           (c->state != CONN_WAITING && !c->write_wait);
+    if (c->state == CONN_STREAM)
+        want = c->stream_reading;
+    else
+        want = c->state == CONN_CLOSING ||
+               (c->state != CONN_WAITING && !c->write_wait);
     if (want && !c->reading) {
         if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
             c->reading = 1;
@@ -212,6 +225,10 @@ static void on_write(uv_write_t *req, int status)
         log_debug("connection write failed", "conn=%llu peer=%s error=%s",
                   (unsigned long long)c->id, c->peer, uv_strerror(status));
         http_conn_close(c);
+        return;
+    }
+    if (c->state == CONN_STREAM) {
+        c->stream->on_written(c->stream_arg);
         return;
     }
     if (c->write_wait &&

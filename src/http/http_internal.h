@@ -17,6 +17,7 @@
 #include "auth/auth.h"
 #include "http/http.h"
 #include "pipeline/pipeline.h"
+#include "ws/ws.h"
 
 /* ---- Limits ---- */
 
@@ -131,6 +132,7 @@ enum http_conn_state {
     CONN_BODY = 2,    /* reading the body */
     CONN_WAITING = 3, /* request complete, its response not queued */
     CONN_CLOSING = 4, /* last response queued, input dropped until EOF */
+    CONN_STREAM = 5,  /* upgraded: bytes go to the stream handler */
 };
 
 #define HTTP_URL_MAX_STORED 2048
@@ -138,6 +140,20 @@ enum http_conn_state {
 #define HTTP_VALUE_MAX 1024
 #define HTTP_CTYPE_MAX 256
 #define HTTP_KEY_MAX 128
+#define HTTP_WS_KEY_MAX 64
+#define HTTP_WS_VERSION_MAX 16
+
+/* What the opening handshake of a WebSocket upgrade sent (upgrade.c). */
+typedef struct http_ws_headers {
+    int upgrade_websocket;  /* Upgrade contains the token "websocket" */
+    int connection_upgrade; /* Connection contains the token "upgrade" */
+    int has_host;
+    int version_count;      /* Sec-WebSocket-Version headers seen */
+    char version[HTTP_WS_VERSION_MAX + 1];
+    int key_count;          /* Sec-WebSocket-Key headers seen */
+    int key_overflow;
+    char key[HTTP_WS_KEY_MAX + 1];
+} http_ws_headers_t;
 
 struct http_request {
     uint64_t start_ns; /* uv_hrtime() at the request's first byte */
@@ -170,6 +186,7 @@ struct http_request {
     int ctype;                 /* enum http_content_type (API) */
     pipeline_batch_t *batch;   /* submitted and pending (API) */
     size_t unparsable;         /* readings that failed to parse (API) */
+    http_ws_headers_t ws;      /* WebSocket handshake headers (API) */
 };
 
 struct http_listener {
@@ -185,6 +202,7 @@ struct http_listener {
     auth_t *auth;
     pipeline_loop_t *pl;
     http_admin_hooks_t hooks;
+    ws_ingest_config_t ws; /* settings of GET /v1/ws sessions (API) */
     http_conn_t *conns; /* doubly linked list of open connections */
     size_t conn_count;  /* open connections, including turned-away ones */
     size_t served;      /* connections counted against max_connections */
@@ -220,6 +238,10 @@ struct http_conn {
     size_t in_cap;
     uint64_t linger_bytes;
     http_request_t req;
+    const struct http_stream_handler *stream; /* set in CONN_STREAM */
+    void *stream_arg;
+    int stream_reading; /* the stream handler wants input */
+    int stream_closed;  /* the handler's on_close ran */
 };
 
 /* Sets up `c` for a freshly accepted socket and starts reading.
@@ -262,6 +284,31 @@ int http_conn_release(http_conn_t *c);
 
 /* Closes the connection without a response. */
 void http_conn_close(http_conn_t *c);
+
+/* ---- Upgraded connections (stream.c, upgrade.c) ---- */
+
+/* Whoever takes over a connection after a 101 response. The connection
+ * keeps owning the socket: it reads and hands over the bytes, writes what
+ * the handler sends, and tells the handler when it closes. */
+typedef struct http_stream_handler {
+    void (*on_read)(void *arg, const char *data, size_t len);
+    void (*on_written)(void *arg); /* a write completed */
+    void (*on_drain)(void *arg);   /* the listener is draining */
+    void (*on_close)(void *arg);   /* last call; the socket is closed */
+} http_stream_handler_t;
+
+/* Switches `c` to CONN_STREAM after the current request's 101 response was
+ * queued. Bytes received after the request head go to `h->on_read` at
+ * once. `h` must outlive the connection. */
+void http_conn_switch_stream(http_conn_t *c, const http_stream_handler_t *h,
+                             void *arg);
+
+/* Collects the WebSocket handshake headers while llhttp reads them. */
+void http_ws_use_header(http_request_t *r);
+
+/* GET /v1/ws: checks the opening handshake and answers it. */
+void http_ws_check(http_conn_t *c, http_request_t *r);
+void http_ws_handle(http_conn_t *c, http_request_t *r);
 
 /* Queued output past HIGH makes the connection stop parsing requests
  * until its writes drain below LOW, so that a client that sends without

@@ -284,9 +284,22 @@ int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
     };
     l->routes = http_api_routes;
     l->route_count = http_api_route_count;
-    l->endpoints = "POST /v1/data";
+    l->endpoints = "POST /v1/data and GET /v1/ws";
     l->auth = auth;
     l->pl = pl;
+    l->ws = (ws_ingest_config_t){
+        .auth = auth,
+        .pl = pl,
+        .ws =
+            {
+                .max_message_size = cfg->ws.max_message_size,
+                .idle_timeout_ms = cfg->ws.idle_timeout_ms,
+                .ping_interval_ms = cfg->ws.ping_interval_ms,
+            },
+        .auth_timeout_ms = cfg->ws.auth_timeout_ms,
+        .max_readings = cfg->http.max_readings_per_request,
+        .retry_after_s = cfg->http.retry_after_s,
+    };
     rc = start(loop, cfg->http.listen, l, err, errlen);
     if (rc != 0) {
         listener_unref(l);
@@ -332,6 +345,8 @@ void http_listener_drain(http_listener_t *l)
         http_conn_t *next = c->next;
         if (c->state == CONN_IDLE && c->in_len == c->in_off)
             http_conn_close(c);
+        else if (c->state == CONN_STREAM && !c->closed)
+            c->stream->on_drain(c->stream_arg);
         c = next;
     }
     log_info("http listener draining", "listener=%s connections=%zu",

@@ -1,0 +1,470 @@
+/* The telemetry protocol of GET /v1/ws: authentication, one pipeline batch
+ * per data message, and answers in message order.
+ *
+ * Each data message gets one answer: an ack once its readings are durable,
+ * or an error. A connection may have several messages in flight. Their
+ * answers wait in a queue and go out in the order the messages arrived.
+ * With MAX_IN_FLIGHT messages unanswered the connection stops reading its
+ * socket, so a client that sends faster than the spool accepts is slowed
+ * down by TCP and never has a message dropped. Messages that wslay had
+ * already buffered when reading stopped are parked as text and started in
+ * order once answers went out.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/errors.h"
+#include "core/log.h"
+#include "ws/ws_internal.h"
+
+#define MAX_IN_FLIGHT 16
+
+enum msg_state {
+    MSG_PARKED = 0,  /* received, not parsed yet */
+    MSG_PENDING = 1, /* submitted to the pipeline */
+    MSG_DONE = 2,    /* its answer is ready */
+};
+
+typedef struct session session_t;
+
+typedef struct msg {
+    struct msg *next;
+    session_t *session;
+    enum msg_state state;
+    char *text; /* MSG_PARKED: a copy of the message */
+    size_t len;
+    json_t *id;              /* correlation id, or NULL */
+    pipeline_batch_t *batch; /* MSG_PENDING */
+    char *answer;            /* MSG_DONE: serialized, or NULL */
+    int fatal;               /* MSG_DONE: close with 1011 after it */
+    int orphan;              /* the connection closed while pending */
+} msg_t;
+
+struct session {
+    ws_conn_t *ws; /* NULL once the connection closed */
+    ws_ingest_config_t cfg;
+    auth_device_t dev;
+    int authenticated;
+    int draining;
+    int closing; /* we sent a close frame: input is ignored */
+    msg_t *head;
+    msg_t *tail;
+    size_t queued;  /* messages not answered yet, parked ones included */
+    size_t parked;  /* of those, not parsed yet */
+    size_t pending; /* batch completions outstanding, also after close */
+    uint64_t conn_id;
+    char peer[64];
+};
+
+static const char *device_of(const session_t *s)
+{
+    return s->authenticated ? s->dev.id : "-";
+}
+
+static void log_reject(const session_t *s, const char *error)
+{
+    log_write_limited("ws_reject", 20, LOG_LEVEL_WARN,
+                      "websocket message rejected",
+                      "conn=%llu peer=%s device=%s error=%s",
+                      (unsigned long long)s->conn_id, s->peer, device_of(s),
+                      error);
+}
+
+/* Returns the error code of an answer for the log. */
+static const char *error_code(const json_t *answer)
+{
+    const char *code = json_string_value(json_object_get(answer, "error"));
+
+    return code ? code : "out_of_memory";
+}
+
+static void msg_free(msg_t *m)
+{
+    free(m->text);
+    free(m->answer);
+    json_decref(m->id);
+    pipeline_batch_free(m->batch);
+    free(m);
+}
+
+static msg_t *msg_append(session_t *s)
+{
+    msg_t *m = calloc(1, sizeof(*m));
+
+    if (m == NULL)
+        return NULL;
+    m->session = s;
+    if (s->tail != NULL)
+        s->tail->next = m;
+    else
+        s->head = m;
+    s->tail = m;
+    s->queued++;
+    return m;
+}
+
+/* Stores `answer` (taken) as the message's answer. */
+static void msg_done(msg_t *m, json_t *answer, int fatal)
+{
+    m->state = MSG_DONE;
+    m->answer = answer ? json_dumps(answer, JSON_COMPACT) : NULL;
+    m->len = m->answer ? strlen(m->answer) : 0;
+    m->fatal = fatal || m->answer == NULL;
+    json_decref(answer);
+}
+
+static void session_maybe_free(session_t *s)
+{
+    if (s->ws == NULL && s->pending == 0)
+        free(s);
+}
+
+static void on_batch_done(pipeline_batch_t *b, int status, void *arg);
+
+/* Parses and submits one message, or stores its error answer. */
+static void msg_start(session_t *s, msg_t *m, const char *text, size_t len)
+{
+    ws_parsed_t p;
+    json_t *answer;
+    int fatal = 0;
+    int rc;
+
+    m->state = MSG_PENDING;
+    if (ws_message_parse(&s->cfg, &s->dev, text, len, &p) != 0) {
+        msg_done(m, NULL, 1);
+        return;
+    }
+    if (p.answer != NULL) {
+        ws_metrics_message(p.result);
+        log_reject(s, error_code(p.answer));
+        msg_done(m, json_incref(p.answer), 0);
+        ws_parsed_clear(&p);
+        return;
+    }
+    m->id = p.id;
+    m->batch = p.batch;
+    rc = pipeline_batch_submit(m->batch, on_batch_done, m);
+    if (rc == 0) {
+        s->pending++;
+        return;
+    }
+    pipeline_batch_free(m->batch);
+    m->batch = NULL;
+    ws_metrics_message(WS_MESSAGE_ERROR);
+    answer = ws_answer_failed(m->id, rc, s->cfg.retry_after_s, &fatal);
+    log_reject(s, error_code(answer));
+    msg_done(m, answer, fatal);
+}
+
+/* Starts the first parked message if a slot is free. Returns 1 if it
+ * started one. */
+static int start_parked(session_t *s)
+{
+    msg_t *m = s->head;
+
+    if (s->parked == 0 || s->queued - s->parked >= MAX_IN_FLIGHT)
+        return 0;
+    while (m->state != MSG_PARKED)
+        m = m->next;
+    s->parked--;
+    msg_start(s, m, m->text, m->len);
+    free(m->text);
+    m->text = NULL;
+    return 1;
+}
+
+static void close_session(session_t *s, uint16_t code, const char *reason)
+{
+    s->closing = 1;
+    ws_conn_close(s->ws, code, reason);
+}
+
+/* Sends the answers at the head of the queue that are ready, starts parked
+ * messages, and resumes reading when there is room again. */
+static void send_ready(session_t *s)
+{
+    do {
+        while (!s->closing && s->head != NULL &&
+               s->head->state == MSG_DONE) {
+            msg_t *m = s->head;
+            s->head = m->next;
+            if (s->head == NULL)
+                s->tail = NULL;
+            s->queued--;
+            if (m->answer != NULL)
+                ws_conn_send_text(s->ws, m->answer, m->len);
+            if (m->fatal)
+                close_session(s, WS_CLOSE_INTERNAL_ERROR,
+                              "internal error; reconnect and resend the "
+                              "messages that got no ack");
+            msg_free(m);
+        }
+    } while (!s->closing && start_parked(s));
+    if (s->closing)
+        return;
+    if (s->draining) {
+        if (s->queued == 0)
+            close_session(s, WS_CLOSE_GOING_AWAY, "server shutting down");
+        return;
+    }
+    if (s->queued < MAX_IN_FLIGHT)
+        ws_conn_pause(s->ws, 0);
+}
+
+static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
+{
+    msg_t *m = arg;
+    session_t *s = m->session;
+    json_t *answer;
+    int fatal = 0;
+
+    s->pending--;
+    if (m->orphan) {
+        /* Nobody waits for this answer; the readings are stored or not,
+         * and the client resends what got no ack. */
+        msg_free(m);
+        session_maybe_free(s);
+        return;
+    }
+    if (status == 0) {
+        ws_metrics_readings(WS_READING_ACCEPTED, pipeline_batch_accepted(b));
+        ws_metrics_message(WS_MESSAGE_ACK);
+        answer = ws_answer_ack(m->id, b);
+    } else {
+        ws_metrics_message(WS_MESSAGE_ERROR);
+        answer = ws_answer_failed(m->id, status, s->cfg.retry_after_s,
+                                  &fatal);
+        log_reject(s, error_code(answer));
+    }
+    pipeline_batch_free(b);
+    m->batch = NULL;
+    msg_done(m, answer, fatal);
+    send_ready(s);
+}
+
+/* ---- Authentication by the first message ---- */
+
+static void reject_auth(session_t *s, const char *reason)
+{
+    log_write_limited("ws_auth_reject", 20, LOG_LEVEL_WARN,
+                      "websocket authentication failed",
+                      "conn=%llu peer=%s reason=\"%s\"",
+                      (unsigned long long)s->conn_id, s->peer, reason);
+    close_session(s, WS_CLOSE_POLICY_VIOLATION, reason);
+}
+
+static void send_auth_ok(session_t *s)
+{
+    json_t *o = json_pack("{s:s,s:s}", "type", "auth_ok", "device_id",
+                          s->dev.id);
+    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+
+    json_decref(o);
+    if (text == NULL) {
+        close_session(s, WS_CLOSE_INTERNAL_ERROR, "out of memory");
+        return;
+    }
+    ws_conn_send_text(s->ws, text, strlen(text));
+    free(text);
+}
+
+/* Handles the first message of a connection whose upgrade request had no
+ * key: it must be {"type":"auth","key":"ik_..."}. */
+static void authenticate(session_t *s, const char *text, size_t len)
+{
+    json_t *root = json_loadb(text, len, 0, NULL);
+    const char *type = json_string_value(json_object_get(root, "type"));
+    json_t *key = json_object_get(root, "key");
+    enum auth_result res;
+
+    if (type == NULL || strcmp(type, "auth") != 0 || !json_is_string(key)) {
+        reject_auth(s, "the first message must be "
+                       "{\"type\":\"auth\",\"key\":\"...\"} unless the "
+                       "upgrade request sent an API key header");
+        goto done;
+    }
+    res = auth_check_key(s->cfg.auth, json_string_value(key),
+                         json_string_length(key), &s->dev);
+    if (res == AUTH_UNKNOWN_KEY) {
+        reject_auth(s, "the API key is unknown or expired");
+        goto done;
+    }
+    if (res == AUTH_DISABLED) {
+        reject_auth(s, "this device is disabled; ask the operator to "
+                       "enable it");
+        goto done;
+    }
+    s->authenticated = 1;
+    ws_conn_set_timeout(s->ws, 0);
+    log_debug("websocket authenticated", "conn=%llu peer=%s device=%s",
+              (unsigned long long)s->conn_id, s->peer, s->dev.id);
+    send_auth_ok(s);
+done:
+    json_decref(root);
+}
+
+/* ---- Handler callbacks ---- */
+
+/* Keeps a copy of a message received while MAX_IN_FLIGHT are unanswered.
+ * Returns 0 or ING_ENOMEM. */
+static int park(session_t *s, const char *text, size_t len)
+{
+    msg_t *m = msg_append(s);
+
+    if (m == NULL)
+        return ING_ENOMEM;
+    m->text = malloc(len ? len : 1);
+    if (m->text == NULL) {
+        msg_done(m, NULL, 1);
+        return ING_ENOMEM;
+    }
+    memcpy(m->text, text, len);
+    m->len = len;
+    m->state = MSG_PARKED;
+    s->parked++;
+    return 0;
+}
+
+static void on_text(ws_conn_t *ws, const char *text, size_t len, void *arg)
+{
+    session_t *s = arg;
+    msg_t *m;
+
+    if (s->closing)
+        return;
+    if (!s->authenticated) {
+        authenticate(s, text, len);
+        return;
+    }
+    /* Messages start in arrival order, so a message waits when an
+     * earlier one is parked. */
+    if (s->parked > 0 || s->queued >= MAX_IN_FLIGHT) {
+        park(s, text, len);
+    } else if ((m = msg_append(s)) == NULL) {
+        close_session(s, WS_CLOSE_INTERNAL_ERROR, "out of memory");
+        return;
+    } else {
+        msg_start(s, m, text, len);
+    }
+    if (s->queued >= MAX_IN_FLIGHT)
+        ws_conn_pause(ws, 1);
+    send_ready(s);
+}
+
+static void on_binary(ws_conn_t *ws, const uint8_t *data, size_t len,
+                      void *arg)
+{
+    session_t *s = arg;
+    msg_t *m;
+
+    (void)ws;
+    (void)data;
+    (void)len;
+    if (s->closing)
+        return;
+    if (!s->authenticated) {
+        reject_auth(s, "the first message must be a text message "
+                       "{\"type\":\"auth\",\"key\":\"...\"}");
+        return;
+    }
+    m = msg_append(s);
+    if (m == NULL) {
+        close_session(s, WS_CLOSE_INTERNAL_ERROR, "out of memory");
+        return;
+    }
+    ws_metrics_message(WS_MESSAGE_INVALID);
+    log_reject(s, "binary_not_supported");
+    msg_done(m,
+             ws_answer_error(NULL, "binary_not_supported",
+                             "binary messages are not supported; send JSON "
+                             "text"),
+             0);
+    send_ready(s);
+}
+
+static void on_drain(ws_conn_t *ws, void *arg)
+{
+    session_t *s = arg;
+
+    if (s->closing)
+        return;
+    s->draining = 1;
+    if (!s->authenticated) {
+        close_session(s, WS_CLOSE_GOING_AWAY, "server shutting down");
+        return;
+    }
+    /* Messages already received are answered; nothing more is read. */
+    ws_conn_pause(ws, 1);
+    send_ready(s);
+}
+
+static void on_timeout(ws_conn_t *ws, void *arg)
+{
+    session_t *s = arg;
+
+    (void)ws;
+    if (!s->authenticated && !s->closing)
+        reject_auth(s, "authentication timed out; send "
+                       "{\"type\":\"auth\",\"key\":\"...\"} first");
+}
+
+static void on_close(ws_conn_t *ws, uint16_t code, void *arg)
+{
+    session_t *s = arg;
+    msg_t *m = s->head;
+
+    (void)ws;
+    log_debug("websocket closed", "conn=%llu peer=%s device=%s code=%u "
+              "unanswered=%zu",
+              (unsigned long long)s->conn_id, s->peer, device_of(s),
+              (unsigned)code, s->queued);
+    while (m != NULL) {
+        msg_t *next = m->next;
+        if (m->state == MSG_PENDING)
+            m->orphan = 1;
+        else
+            msg_free(m);
+        m = next;
+    }
+    s->head = s->tail = NULL;
+    s->ws = NULL;
+    session_maybe_free(s);
+}
+
+static const ws_handler_t ingest_handler = {
+    .on_text = on_text,
+    .on_binary = on_binary,
+    .on_drain = on_drain,
+    .on_timeout = on_timeout,
+    .on_close = on_close,
+};
+
+ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
+                          const ws_ingest_config_t *cfg,
+                          const auth_device_t *dev)
+{
+    session_t *s = calloc(1, sizeof(*s));
+
+    if (s == NULL)
+        return NULL;
+    s->cfg = *cfg;
+    s->conn_id = stream->conn_id;
+    snprintf(s->peer, sizeof(s->peer), "%s",
+             stream->peer ? stream->peer : "?");
+    if (dev != NULL) {
+        s->dev = *dev;
+        s->authenticated = 1;
+    }
+    s->ws = ws_conn_open(stream, &cfg->ws, &ingest_handler, s);
+    if (s->ws == NULL) {
+        free(s);
+        return NULL;
+    }
+    if (!s->authenticated)
+        ws_conn_set_timeout(s->ws, cfg->auth_timeout_ms);
+    log_debug("websocket opened", "conn=%llu peer=%s device=%s auth=%s",
+              (unsigned long long)s->conn_id, s->peer, device_of(s),
+              s->authenticated ? "header" : "first_message");
+    return s->ws;
+}
