@@ -267,7 +267,8 @@ int ws_message_parse(const ws_ingest_config_t *cfg, const auth_device_t *dev,
     int rc;
 
     memset(out, 0, sizeof(*out));
-    root = json_loadb(text, len, 0, &error);
+    /* Scalars parse too, so that they get the more helpful answer. */
+    root = json_loadb(text, len, JSON_DECODE_ANY, &error);
     if (root == NULL) {
         snprintf(message, sizeof(message),
                  "invalid JSON at line %d column %d: %s", error.line,
