@@ -12,6 +12,7 @@
 #include <uv.h>
 
 #include "auth/auth.h"
+#include "bridge/bridge.h"
 #include "core/config.h"
 #include "core/errors.h"
 #include "core/fsutil.h"
@@ -52,6 +53,7 @@ struct server {
     spool_t *spool;
     pipeline_t *pipeline;
     sinks_t *sinks;
+    bridges_t *bridges;
     worker_t *workers;
     int worker_count;
 
@@ -222,12 +224,24 @@ static void close_main_handles(server_t *s)
     }
 }
 
-/* Joins the workers on a helper thread, so the main loop keeps serving
- * /metrics and /readyz while the workers drain. */
+/* Stops the MQTT bridges before anything they use: each drains, so that
+ * the messages it stored get their acknowledgement, then disconnects. */
+static void stop_bridges(server_t *s)
+{
+    if (s->bridges == NULL)
+        return;
+    bridges_stop(s->bridges, s->cfg->shutdown_timeout_ms);
+    s->bridges = NULL;
+    log_info("bridges stopped", "bridges=%zu", s->cfg->bridge_count);
+}
+
+/* Stops the bridges and joins the workers on a helper thread, so the main
+ * loop keeps serving /metrics and /readyz while they drain. */
 static void join_workers(void *arg)
 {
     server_t *s = arg;
 
+    stop_bridges(s);
     for (int i = 0; i < s->worker_count; i++)
         pthread_join(s->workers[i].thread, NULL);
 }
@@ -386,7 +400,11 @@ static int start_storage(server_t *s, char *err, size_t errlen)
     rc = pipeline_create(s->cfg, s->spool, &s->pipeline, err, errlen);
     if (rc != 0)
         return rc;
-    return sinks_start(s->cfg, s->spool, &s->sinks, err, errlen);
+    rc = sinks_start(s->cfg, s->spool, &s->sinks, err, errlen);
+    if (rc != 0)
+        return rc;
+    return bridges_start(s->cfg, s->auth, s->pipeline, &s->bridges, err,
+                         errlen);
 }
 
 static int start_workers(server_t *s, char *err, size_t errlen)
@@ -418,6 +436,7 @@ static int start_workers(server_t *s, char *err, size_t errlen)
 
 static void stop_everything(server_t *s)
 {
+    stop_bridges(s);
     if (s->sinks != NULL)
         sinks_stop(s->sinks, s->cfg->shutdown_timeout_ms);
     if (s->pipeline != NULL)
