@@ -61,8 +61,7 @@ static void post_failure(bridge_t *b, unsigned event, int code,
 {
     pthread_mutex_lock(&b->lock);
     b->failure_code = code;
-    snprintf(b->failure_text, sizeof(b->failure_text), "%s",
-             text ? text : "");
+    snprintf(b->failure_text, sizeof(b->failure_text), "%s", text ? text : "");
     pthread_mutex_unlock(&b->lock);
     post_events(b, event);
 }
@@ -418,8 +417,7 @@ static void after_disconnect(bridge_t *b, const char *what, int code,
     set_connected(b, 0);
     b->state = BRIDGE_IDLE;
     if (b->stop_requested) {
-        uv_timer_start(&b->reconnect_timer, on_drain_check, 0,
-                       DRAIN_CHECK_MS);
+        uv_timer_start(&b->reconnect_timer, on_drain_check, 0, DRAIN_CHECK_MS);
         return;
     }
     schedule_reconnect(b, what, code, text);
@@ -435,8 +433,8 @@ static void handle_connected(bridge_t *b, int session_present)
     log_info("bridge connected and subscribed",
              "bridge=%s broker=%s:%d client_id=%s session_present=%d "
              "filter=%s filters=%zu",
-             cfg->name, cfg->host, cfg->port, cfg->client_id,
-             session_present, b->filters[0], cfg->topic_count);
+             cfg->name, cfg->host, cfg->port, cfg->client_id, session_present,
+             b->filters[0], cfg->topic_count);
     if (b->stop_requested)
         start_disconnect(b);
 }
@@ -449,8 +447,7 @@ static void handle_stop(bridge_t *b)
         start_disconnect(b);
     } else if (b->state == BRIDGE_IDLE) {
         uv_timer_stop(&b->reconnect_timer);
-        uv_timer_start(&b->reconnect_timer, on_drain_check, 0,
-                       DRAIN_CHECK_MS);
+        uv_timer_start(&b->reconnect_timer, on_drain_check, 0, DRAIN_CHECK_MS);
     }
     /* CONNECTING ends in an event that sees stop_requested, and
      * DISCONNECTING in EVENT_DISCONNECTED. */
@@ -470,8 +467,8 @@ static void handle_events(bridge_t *b, unsigned events, int code,
         (b->state == BRIDGE_CONNECTING || b->state == BRIDGE_CONNECTED)) {
         log_write_limited("bridge-subscribe", 5, LOG_LEVEL_ERROR,
                           "bridge subscribe failed; disconnecting to retry",
-                          "bridge=%s code=%d reason=\"%s\"", b->cfg->name,
-                          code, text);
+                          "bridge=%s code=%d reason=\"%s\"", b->cfg->name, code,
+                          text);
         start_disconnect(b);
     }
     if ((events & EVENT_CONNECT_FAILED) && b->state == BRIDGE_CONNECTING)
@@ -616,8 +613,8 @@ static int init_bridge(bridge_t *b, const config_t *cfg,
     if (b->uri == NULL || b->filters == NULL)
         return ING_ENOMEM;
     /* A numeric IPv6 address needs brackets in the URI. */
-    snprintf(b->uri, size, strchr(bcfg->host, ':') ? "%s://[%s]:%d"
-                                                   : "%s://%s:%d",
+    snprintf(b->uri, size,
+             strchr(bcfg->host, ':') ? "%s://[%s]:%d" : "%s://%s:%d",
              tls ? "ssl" : "tcp", bcfg->host, bcfg->port);
     for (size_t i = 0; i < bcfg->topic_count; i++) {
         b->filters[i] =
@@ -626,12 +623,14 @@ static int init_bridge(bridge_t *b, const config_t *cfg,
             return ING_ENOMEM;
     }
     create.sendWhileDisconnected = 0;
-    rc = MQTTAsync_createWithOptions(&b->client, b->uri, bcfg->client_id,
-                                     MQTTCLIENT_PERSISTENCE_NONE, NULL,
-                                     &create);
+    rc =
+        MQTTAsync_createWithOptions(&b->client, b->uri, bcfg->client_id,
+                                    MQTTCLIENT_PERSISTENCE_NONE, NULL, &create);
     if (rc != MQTTASYNC_SUCCESS) {
-        snprintf(err, errlen, "bridge %s: cannot create the MQTT client "
-                 "for %s: %s", bcfg->name, b->uri, MQTTAsync_strerror(rc));
+        snprintf(err, errlen,
+                 "bridge %s: cannot create the MQTT client "
+                 "for %s: %s",
+                 bcfg->name, b->uri, MQTTAsync_strerror(rc));
         b->client = NULL;
         return ING_ECONFIG;
     }
@@ -706,8 +705,7 @@ int bridges_start(const config_t *cfg, auth_t *auth, pipeline_t *pipeline,
     for (size_t i = 0; rc == 0 && i < cfg->bridge_count; i++) {
         bridge_t *b = &all->items[i];
 
-        rc = init_bridge(b, cfg, &cfg->bridges[i], auth, pipeline, err,
-                         errlen);
+        rc = init_bridge(b, cfg, &cfg->bridges[i], auth, pipeline, err, errlen);
         if (rc != 0) {
             if (rc == ING_ENOMEM)
                 snprintf(err, errlen, "bridge %s: out of memory",
@@ -718,9 +716,9 @@ int bridges_start(const config_t *cfg, auth_t *auth, pipeline_t *pipeline,
         all->count = i + 1;
         b->control_started =
             pthread_create(&b->control_thread, NULL, control_main, b) == 0;
-        b->loop_started = b->control_started &&
-                          pthread_create(&b->loop_thread, NULL, loop_main,
-                                         b) == 0;
+        b->loop_started =
+            b->control_started &&
+            pthread_create(&b->loop_thread, NULL, loop_main, b) == 0;
         if (!b->loop_started) {
             snprintf(err, errlen, "bridge %s: cannot start its threads",
                      cfg->bridges[i].name);
@@ -753,9 +751,8 @@ static int wait_loop_done(bridge_t *b, const struct timespec *deadline)
     int done;
 
     pthread_mutex_lock(&b->lock);
-    while (!b->loop_done &&
-           pthread_cond_timedwait(&b->finished, &b->lock, deadline) !=
-               ETIMEDOUT)
+    while (!b->loop_done && pthread_cond_timedwait(&b->finished, &b->lock,
+                                                   deadline) != ETIMEDOUT)
         ;
     done = b->loop_done;
     pthread_mutex_unlock(&b->lock);

@@ -72,11 +72,11 @@ typedef struct bridge_job {
 
 /* Connection state, loop only. */
 enum bridge_state {
-    BRIDGE_IDLE = 0,       /* disconnected, a reconnect timer may be armed */
-    BRIDGE_CONNECTING,     /* connect requested, not yet subscribed */
-    BRIDGE_CONNECTED,      /* connected and subscribed */
-    BRIDGE_DISCONNECTING,  /* our disconnect requested, not yet done */
-    BRIDGE_CLOSED,         /* handles closed, the loop thread is ending */
+    BRIDGE_IDLE = 0,      /* disconnected, a reconnect timer may be armed */
+    BRIDGE_CONNECTING,    /* connect requested, not yet subscribed */
+    BRIDGE_CONNECTED,     /* connected and subscribed */
+    BRIDGE_DISCONNECTING, /* our disconnect requested, not yet done */
+    BRIDGE_CLOSED,        /* handles closed, the loop thread is ending */
 };
 
 /* Bits of bridge->events, posted by Paho callbacks to the loop. */
@@ -104,8 +104,8 @@ struct bridge {
     auth_t *auth;
     pipeline_t *pipeline;
     MQTTAsync client;
-    char *uri;            /* tcp://host:port or ssl://host:port */
-    char **filters;       /* subscription filters, one per topic template */
+    char *uri;      /* tcp://host:port or ssl://host:port */
+    char **filters; /* subscription filters, one per topic template */
     pthread_t loop_thread;
     pthread_t control_thread;
     int loop_started, control_started;
@@ -121,9 +121,9 @@ struct bridge {
     char failure_text[160];
     int session_present;
     enum bridge_control control; /* pending request for the control thread */
-    int wake_closed;  /* the loop closed `wake`: do not signal it */
-    int loop_done;    /* the loop thread has returned */
-    int abandoned;    /* the loop gave up and never touches the pipeline */
+    int wake_closed;             /* the loop closed `wake`: do not signal it */
+    int loop_done;               /* the loop thread has returned */
+    int abandoned; /* the loop gave up and never touches the pipeline */
     atomic_int is_connected;
 
     /* Loop only. */
@@ -134,10 +134,10 @@ struct bridge {
     pipeline_loop_t *pl;
     enum bridge_state state;
     int stop_requested;
-    unsigned attempt;       /* failed connects since the last success */
-    uint64_t random_state;  /* xorshift64 state for backoff jitter */
-    bridge_job_t *retries;  /* jobs waiting for the spool */
-    size_t submitted;       /* jobs whose batch is in the spool */
+    unsigned attempt;      /* failed connects since the last success */
+    uint64_t random_state; /* xorshift64 state for backoff jitter */
+    bridge_job_t *retries; /* jobs waiting for the spool */
+    size_t submitted;      /* jobs whose batch is in the spool */
 
     /* Metrics, created at start. */
     metrics_counter_t *messages[BRIDGE_RESULT_COUNT];

@@ -83,8 +83,8 @@ static void set_feedback(bridge_t *b, bridge_job_t *job, json_t *doc)
 
 /* Rejects the job with an error document in the style of the HTTP API:
  * {"error":..., "message":...} plus the failing readings when known. */
-static int reject(bridge_t *b, bridge_job_t *job, int result,
-                  const char *error, const char *message, json_t *readings)
+static int reject(bridge_t *b, bridge_job_t *job, int result, const char *error,
+                  const char *message, json_t *readings)
 {
     json_t *doc = json_pack("{s:s, s:s}", "error", error, "message", message);
 
@@ -104,8 +104,8 @@ static int find_device(bridge_t *b, bridge_job_t *job, auth_device_t *dev)
     int matched = 0;
 
     for (size_t i = 0; !job->topic_has_nul && i < cfg->topic_count; i++) {
-        matched = bridge_topic_match(cfg->topics[i], job->topic,
-                                     job->device_id, sizeof(job->device_id));
+        matched = bridge_topic_match(cfg->topics[i], job->topic, job->device_id,
+                                     sizeof(job->device_id));
         if (matched)
             break;
     }
@@ -242,8 +242,8 @@ static int try_store(bridge_t *b, bridge_job_t *job)
         rc = parse_payload(b, job, &doc);
     if (rc != 0)
         return rc;
-    batch = pipeline_batch_new(b->pl, &dev, BRIDGE_PROTOCOL,
-                               "application/json");
+    batch =
+        pipeline_batch_new(b->pl, &dev, BRIDGE_PROTOCOL, "application/json");
     if (batch == NULL) {
         json_decref(doc);
         return STORE_RETRY;
@@ -289,8 +289,8 @@ static void queue_retry(bridge_t *b, bridge_job_t *job, const char *why)
     metrics_counter_add(b->store_retries, 1);
     log_write_limited("bridge-store-retry", 3, LOG_LEVEL_WARN,
                       "bridge message not stored; holding it unacknowledged",
-                      "bridge=%s reason=%s retry_in_ms=%llu", b->cfg->name,
-                      why, (unsigned long long)wait);
+                      "bridge=%s reason=%s retry_in_ms=%llu", b->cfg->name, why,
+                      (unsigned long long)wait);
     job->next = b->retries;
     b->retries = job;
     if (!uv_is_active((uv_handle_t *)&b->retry_timer))
