@@ -306,7 +306,7 @@ void http_conn_switch_stream(http_conn_t *c, const http_stream_handler_t *h,
 /* Collects the WebSocket handshake headers while llhttp reads them. */
 void http_ws_use_header(http_request_t *r);
 
-/* GET /v1/ws: checks the opening handshake and answers it. */
+/* GET /v1/ws: checks the opening handshake and responds to it. */
 void http_ws_check(http_conn_t *c, http_request_t *r);
 void http_ws_handle(http_conn_t *c, http_request_t *r);
 

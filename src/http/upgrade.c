@@ -1,7 +1,7 @@
 /* GET /v1/ws: the WebSocket opening handshake (RFC 6455 section 4.2) and
  * the handover of the connection to the ws module.
  *
- * A valid handshake is answered 101 and the connection becomes a byte
+ * A valid handshake gets a 101 response and the connection becomes a byte
  * stream under a ws connection. The API key is checked here when the
  * request sends one. Without one the upgrade succeeds and the client
  * authenticates with its first message, because a browser's WebSocket API
@@ -212,8 +212,7 @@ static int key_ok(http_conn_t *c, http_request_t *r)
     r->have_dev = 1;
     if (res == AUTH_DISABLED) {
         reject(c, 403, "device_disabled",
-               "this device is disabled; ask the operator to enable it",
-               NULL);
+               "this device is disabled; ask the operator to enable it", NULL);
         return 0;
     }
     return 1;
@@ -336,8 +335,7 @@ void http_ws_handle(http_conn_t *c, http_request_t *r)
 
     if (ws_handshake_accept(r->ws.key, accept) != 0) {
         http_conn_error(c, 500, "internal_error",
-                        "computing Sec-WebSocket-Accept failed; retry",
-                        NULL);
+                        "computing Sec-WebSocket-Accept failed; retry", NULL);
         return;
     }
     response = malloc(256);

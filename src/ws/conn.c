@@ -5,8 +5,12 @@
  * callback. Frames that wslay_event_send builds are collected in `out` and
  * written as one buffer. wslay checks the framing: unmasked client frames
  * and reserved bits get close 1002, invalid UTF-8 in a text message 1007,
- * and a message over max_message_size 1009. It also answers pings and
+ * and a message over max_message_size 1009. It also replies to pings and
  * echoes the peer's close frame.
+ *
+ * NOTE: for a fragmented or oversized control frame, and for a close frame
+ * with a one-byte payload, wslay 1.1.1 sends a close frame without a status
+ * code where RFC 6455 expects 1002. The connection still ends.
  *
  * Callbacks into the application run only from entry points of the stream
  * owner and from the connection's timer, never from inside a call that the
@@ -30,7 +34,7 @@
 
 /* Queued output past HIGH stops reading until the writes drain below LOW,
  * so a client that sends without reading cannot make the server buffer
- * answers without end. */
+ * replies without end. */
 #define WRITE_QUEUE_HIGH (256 * 1024)
 #define WRITE_QUEUE_LOW (64 * 1024)
 
@@ -61,7 +65,7 @@ struct ws_conn {
 
     unsigned paused : 1;         /* the application stopped input */
     unsigned write_wait : 1;     /* too much output queued */
-    unsigned reading : 1;        /* what the stream was last told */
+    unsigned reading : 1;        /* the last set_reading request */
     unsigned closing : 1;        /* we queued a close frame */
     unsigned stream_closing : 1; /* ops->close was called */
     unsigned stream_closed : 1;  /* the owner reported the close */
@@ -141,7 +145,7 @@ static void on_wslay_message(wslay_event_context_ptr ctx,
 
     (void)ctx;
     /* Once we started closing, data messages are dropped: the
-     * application has given its last answer. */
+     * application has given its last reply. */
     switch (arg->opcode) {
     case WSLAY_TEXT_FRAME:
         if (!ws->closing && h->on_text != NULL)
@@ -162,7 +166,7 @@ static void on_wslay_message(wslay_event_context_ptr ctx,
                   (unsigned)arg->status_code);
         break;
     default:
-        /* wslay answers pings itself; pongs only count as traffic. */
+        /* wslay replies to pings itself; pongs only count as traffic. */
         break;
     }
 }
@@ -272,6 +276,14 @@ static uint64_t earliest(uint64_t a, uint64_t b)
     return a < b ? a : b;
 }
 
+/* Returns the loop time from which the next ping is due: the last bytes
+ * received or the last ping sent, whichever came later. */
+static uint64_t ping_base(const ws_conn_t *ws)
+{
+    return ws->last_rx_ms > ws->last_ping_ms ? ws->last_rx_ms
+                                             : ws->last_ping_ms;
+}
+
 static void on_timer(uv_timer_t *t);
 
 /* Starts the timer for the nearest deadline, or at once for pending
@@ -298,10 +310,8 @@ static void rearm(ws_conn_t *ws)
     } else if (!ws->paused && !ws->write_wait) {
         /* Idle time counts only while the server reads, because input
          * waiting in the kernel during a pause is not the client's fault. */
-        uint64_t quiet = ws->last_rx_ms > ws->last_ping_ms ? ws->last_rx_ms
-                                                            : ws->last_ping_ms;
         next = earliest(next, ws->last_rx_ms + ws->opts.idle_timeout_ms);
-        next = earliest(next, quiet + ws->opts.ping_interval_ms);
+        next = earliest(next, ping_base(ws) + ws->opts.ping_interval_ms);
     }
     if (next == UINT64_MAX) {
         uv_timer_stop(&ws->timer);
@@ -340,7 +350,6 @@ static void finish(ws_conn_t *ws)
 static void check_liveness(ws_conn_t *ws, uint64_t now)
 {
     struct wslay_event_msg ping = {WSLAY_PING, NULL, 0};
-    uint64_t quiet;
 
     if (ws->closing || ws->paused || ws->write_wait)
         return;
@@ -351,9 +360,7 @@ static void check_liveness(ws_conn_t *ws, uint64_t now)
         ws_conn_close(ws, WS_CLOSE_GOING_AWAY, "idle timeout");
         return;
     }
-    quiet = ws->last_rx_ms > ws->last_ping_ms ? ws->last_rx_ms
-                                               : ws->last_ping_ms;
-    if (now >= quiet + ws->opts.ping_interval_ms) {
+    if (now >= ping_base(ws) + ws->opts.ping_interval_ms) {
         ws->last_ping_ms = now;
         if (wslay_event_queue_msg(ws->ctx, &ping) == 0)
             flush(ws);
@@ -404,8 +411,7 @@ ws_conn_t *ws_conn_open(const ws_stream_t *stream, const ws_options_t *opts,
         free(ws);
         return NULL;
     }
-    wslay_event_config_set_max_recv_msg_length(ws->ctx,
-                                               opts->max_message_size);
+    wslay_event_config_set_max_recv_msg_length(ws->ctx, opts->max_message_size);
     ws->stream = *stream;
     snprintf(ws->peer, sizeof(ws->peer), "%s",
              stream->peer ? stream->peer : "?");
@@ -546,8 +552,7 @@ void ws_conn_close(ws_conn_t *ws, uint16_t code, const char *reason)
         return;
     }
     log_debug("websocket closing", "conn=%llu peer=%s code=%u",
-              (unsigned long long)ws->stream.conn_id, ws->peer,
-              (unsigned)code);
+              (unsigned long long)ws->stream.conn_id, ws->peer, (unsigned)code);
     if (!ws->in_recv && flush(ws) == 0) {
         check_done(ws);
         update_reading(ws);

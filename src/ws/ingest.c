@@ -1,14 +1,14 @@
 /* The telemetry protocol of GET /v1/ws: authentication, one pipeline batch
- * per data message, and answers in message order.
+ * per data message, and replies in message order.
  *
- * Each data message gets one answer: an ack once its readings are durable,
+ * Each data message gets one reply: an ack once its readings are durable,
  * or an error. A connection may have several messages in flight. Their
- * answers wait in a queue and go out in the order the messages arrived.
+ * replies wait in a queue and go out in the order the messages arrived.
  * With MAX_IN_FLIGHT messages unanswered the connection stops reading its
  * socket, so a client that sends faster than the spool accepts is slowed
  * down by TCP and never has a message dropped. Messages that wslay had
  * already buffered when reading stopped are parked as text and started in
- * order once answers went out.
+ * order once replies went out.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,7 +23,7 @@
 enum msg_state {
     MSG_PARKED = 0,  /* received, not parsed yet */
     MSG_PENDING = 1, /* submitted to the pipeline */
-    MSG_DONE = 2,    /* its answer is ready */
+    MSG_DONE = 2,    /* its reply is ready */
 };
 
 typedef struct session session_t;
@@ -36,7 +36,7 @@ typedef struct msg {
     size_t len;
     json_t *id;              /* correlation id, or NULL */
     pipeline_batch_t *batch; /* MSG_PENDING */
-    char *answer;            /* MSG_DONE: serialized, or NULL */
+    char *reply;             /* MSG_DONE: serialized, or NULL */
     int fatal;               /* MSG_DONE: close with 1011 after it */
     int orphan;              /* the connection closed while pending */
 } msg_t;
@@ -50,7 +50,7 @@ struct session {
     int closing; /* we sent a close frame: input is ignored */
     msg_t *head;
     msg_t *tail;
-    size_t queued;  /* messages not answered yet, parked ones included */
+    size_t queued;  /* messages without a reply yet, parked ones included */
     size_t parked;  /* of those, not parsed yet */
     size_t pending; /* batch completions outstanding, also after close */
     uint64_t conn_id;
@@ -64,17 +64,16 @@ static const char *device_of(const session_t *s)
 
 static void log_reject(const session_t *s, const char *error)
 {
-    log_write_limited("ws_reject", 20, LOG_LEVEL_WARN,
-                      "websocket message rejected",
-                      "conn=%llu peer=%s device=%s error=%s",
-                      (unsigned long long)s->conn_id, s->peer, device_of(s),
-                      error);
+    log_write_limited(
+        "ws_reject", 20, LOG_LEVEL_WARN, "websocket message rejected",
+        "conn=%llu peer=%s device=%s error=%s", (unsigned long long)s->conn_id,
+        s->peer, device_of(s), error);
 }
 
-/* Returns the error code of an answer for the log. */
-static const char *error_code(const json_t *answer)
+/* Returns the error code of a reply for the log. */
+static const char *error_code(const json_t *reply)
 {
-    const char *code = json_string_value(json_object_get(answer, "error"));
+    const char *code = json_string_value(json_object_get(reply, "error"));
 
     return code ? code : "out_of_memory";
 }
@@ -82,7 +81,7 @@ static const char *error_code(const json_t *answer)
 static void msg_free(msg_t *m)
 {
     free(m->text);
-    free(m->answer);
+    free(m->reply);
     json_decref(m->id);
     pipeline_batch_free(m->batch);
     free(m);
@@ -104,14 +103,14 @@ static msg_t *msg_append(session_t *s)
     return m;
 }
 
-/* Stores `answer` (taken) as the message's answer. */
-static void msg_done(msg_t *m, json_t *answer, int fatal)
+/* Stores `reply` (taken) as the message's reply. */
+static void msg_done(msg_t *m, json_t *reply, int fatal)
 {
     m->state = MSG_DONE;
-    m->answer = answer ? json_dumps(answer, JSON_COMPACT) : NULL;
-    m->len = m->answer ? strlen(m->answer) : 0;
-    m->fatal = fatal || m->answer == NULL;
-    json_decref(answer);
+    m->reply = reply ? json_dumps(reply, JSON_COMPACT) : NULL;
+    m->len = m->reply ? strlen(m->reply) : 0;
+    m->fatal = fatal || m->reply == NULL;
+    json_decref(reply);
 }
 
 static void session_maybe_free(session_t *s)
@@ -122,11 +121,11 @@ static void session_maybe_free(session_t *s)
 
 static void on_batch_done(pipeline_batch_t *b, int status, void *arg);
 
-/* Parses and submits one message, or stores its error answer. */
+/* Parses and submits one message, or stores its error reply. */
 static void msg_start(session_t *s, msg_t *m, const char *text, size_t len)
 {
     ws_parsed_t p;
-    json_t *answer;
+    json_t *reply;
     int fatal = 0;
     int rc;
 
@@ -135,10 +134,10 @@ static void msg_start(session_t *s, msg_t *m, const char *text, size_t len)
         msg_done(m, NULL, 1);
         return;
     }
-    if (p.answer != NULL) {
+    if (p.reply != NULL) {
         ws_metrics_message(p.result);
-        log_reject(s, error_code(p.answer));
-        msg_done(m, json_incref(p.answer), 0);
+        log_reject(s, error_code(p.reply));
+        msg_done(m, json_incref(p.reply), 0);
         ws_parsed_clear(&p);
         return;
     }
@@ -152,9 +151,9 @@ static void msg_start(session_t *s, msg_t *m, const char *text, size_t len)
     pipeline_batch_free(m->batch);
     m->batch = NULL;
     ws_metrics_message(WS_MESSAGE_ERROR);
-    answer = ws_answer_failed(m->id, rc, s->cfg.retry_after_s, &fatal);
-    log_reject(s, error_code(answer));
-    msg_done(m, answer, fatal);
+    reply = ws_reply_failed(m->id, rc, s->cfg.retry_after_s, &fatal);
+    log_reject(s, error_code(reply));
+    msg_done(m, reply, fatal);
 }
 
 /* Starts the first parked message if a slot is free. Returns 1 if it
@@ -180,20 +179,19 @@ static void close_session(session_t *s, uint16_t code, const char *reason)
     ws_conn_close(s->ws, code, reason);
 }
 
-/* Sends the answers at the head of the queue that are ready, starts parked
+/* Sends the replies at the head of the queue that are ready, starts parked
  * messages, and resumes reading when there is room again. */
 static void send_ready(session_t *s)
 {
     do {
-        while (!s->closing && s->head != NULL &&
-               s->head->state == MSG_DONE) {
+        while (!s->closing && s->head != NULL && s->head->state == MSG_DONE) {
             msg_t *m = s->head;
             s->head = m->next;
             if (s->head == NULL)
                 s->tail = NULL;
             s->queued--;
-            if (m->answer != NULL)
-                ws_conn_send_text(s->ws, m->answer, m->len);
+            if (m->reply != NULL)
+                ws_conn_send_text(s->ws, m->reply, m->len);
             if (m->fatal)
                 close_session(s, WS_CLOSE_INTERNAL_ERROR,
                               "internal error; reconnect and resend the "
@@ -216,12 +214,12 @@ static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
 {
     msg_t *m = arg;
     session_t *s = m->session;
-    json_t *answer;
+    json_t *reply;
     int fatal = 0;
 
     s->pending--;
     if (m->orphan) {
-        /* Nobody waits for this answer; the readings are stored or not,
+        /* Nobody waits for this reply; the readings are stored or not,
          * and the client resends what got no ack. */
         msg_free(m);
         session_maybe_free(s);
@@ -230,16 +228,15 @@ static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
     if (status == 0) {
         ws_metrics_readings(WS_READING_ACCEPTED, pipeline_batch_accepted(b));
         ws_metrics_message(WS_MESSAGE_ACK);
-        answer = ws_answer_ack(m->id, b);
+        reply = ws_reply_ack(m->id, b);
     } else {
         ws_metrics_message(WS_MESSAGE_ERROR);
-        answer = ws_answer_failed(m->id, status, s->cfg.retry_after_s,
-                                  &fatal);
-        log_reject(s, error_code(answer));
+        reply = ws_reply_failed(m->id, status, s->cfg.retry_after_s, &fatal);
+        log_reject(s, error_code(reply));
     }
     pipeline_batch_free(b);
     m->batch = NULL;
-    msg_done(m, answer, fatal);
+    msg_done(m, reply, fatal);
     send_ready(s);
 }
 
@@ -256,8 +253,8 @@ static void reject_auth(session_t *s, const char *reason)
 
 static void send_auth_ok(session_t *s)
 {
-    json_t *o = json_pack("{s:s,s:s}", "type", "auth_ok", "device_id",
-                          s->dev.id);
+    json_t *o =
+        json_pack("{s:s,s:s}", "type", "auth_ok", "device_id", s->dev.id);
     char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
 
     json_decref(o);
@@ -352,8 +349,7 @@ static void on_text(ws_conn_t *ws, const char *text, size_t len, void *arg)
     send_ready(s);
 }
 
-static void on_binary(ws_conn_t *ws, const uint8_t *data, size_t len,
-                      void *arg)
+static void on_binary(ws_conn_t *ws, const uint8_t *data, size_t len, void *arg)
 {
     session_t *s = arg;
     msg_t *m;
@@ -376,9 +372,9 @@ static void on_binary(ws_conn_t *ws, const uint8_t *data, size_t len,
     ws_metrics_message(WS_MESSAGE_INVALID);
     log_reject(s, "binary_not_supported");
     msg_done(m,
-             ws_answer_error(NULL, "binary_not_supported",
-                             "binary messages are not supported; send JSON "
-                             "text"),
+             ws_reply_error(NULL, "binary_not_supported",
+                            "binary messages are not supported; send JSON "
+                            "text"),
              0);
     send_ready(s);
 }
@@ -394,7 +390,8 @@ static void on_drain(ws_conn_t *ws, void *arg)
         close_session(s, WS_CLOSE_GOING_AWAY, "server shutting down");
         return;
     }
-    /* Messages already received are answered; nothing more is read. */
+    /* Messages already received get their replies, but nothing more is
+     * read. */
     ws_conn_pause(ws, 1);
     send_ready(s);
 }
@@ -415,7 +412,8 @@ static void on_close(ws_conn_t *ws, uint16_t code, void *arg)
     msg_t *m = s->head;
 
     (void)ws;
-    log_debug("websocket closed", "conn=%llu peer=%s device=%s code=%u "
+    log_debug("websocket closed",
+              "conn=%llu peer=%s device=%s code=%u "
               "unanswered=%zu",
               (unsigned long long)s->conn_id, s->peer, device_of(s),
               (unsigned)code, s->queued);
@@ -450,8 +448,7 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
         return NULL;
     s->cfg = *cfg;
     s->conn_id = stream->conn_id;
-    snprintf(s->peer, sizeof(s->peer), "%s",
-             stream->peer ? stream->peer : "?");
+    snprintf(s->peer, sizeof(s->peer), "%s", stream->peer ? stream->peer : "?");
     if (dev != NULL) {
         s->dev = *dev;
         s->authenticated = 1;

@@ -1,8 +1,8 @@
-/* Data messages of GET /v1/ws and the JSON answers to them.
+/* Data messages of GET /v1/ws and the JSON replies to them.
  *
  * A text message is one reading (a JSON object), an array of readings, or
  * an envelope {"id":...,"readings":[...]} or {"id":...,"reading":{...}}
- * whose id the answer repeats. An object is an envelope when it has a
+ * whose id the reply repeats. An object is an envelope when it has a
  * "reading" or "readings" member. Like a POST /v1/data request, a message
  * is stored whole or not at all.
  */
@@ -26,8 +26,7 @@ static json_t *answer_new(const char *type, const json_t *id)
     return o;
 }
 
-json_t *ws_answer_error(const json_t *id, const char *code,
-                        const char *message)
+json_t *ws_reply_error(const json_t *id, const char *code, const char *message)
 {
     json_t *o = answer_new("error", id);
 
@@ -41,7 +40,7 @@ json_t *ws_answer_error(const json_t *id, const char *code,
     return o;
 }
 
-json_t *ws_answer_ack(const json_t *id, const pipeline_batch_t *b)
+json_t *ws_reply_ack(const json_t *id, const pipeline_batch_t *b)
 {
     json_t *o = answer_new("ack", id);
     json_t *ids = json_array();
@@ -64,70 +63,70 @@ error:
     return NULL;
 }
 
-/* Adds "retry_after" to an error answer. */
-static json_t *with_retry(json_t *answer, uint64_t retry_after_s)
+/* Adds "retry_after" to an error reply. */
+static json_t *with_retry(json_t *reply, uint64_t retry_after_s)
 {
-    if (answer != NULL &&
-        json_object_set_new(answer, "retry_after",
+    if (reply != NULL &&
+        json_object_set_new(reply, "retry_after",
                             json_integer((json_int_t)retry_after_s)) != 0) {
-        json_decref(answer);
+        json_decref(reply);
         return NULL;
     }
-    return answer;
+    return reply;
 }
 
-json_t *ws_answer_failed(const json_t *id, int status,
-                         uint64_t retry_after_s, int *fatal)
+json_t *ws_reply_failed(const json_t *id, int status, uint64_t retry_after_s,
+                        int *fatal)
 {
     *fatal = 0;
     switch (status) {
     case ING_EFULL:
         return with_retry(
-            ws_answer_error(id, "spool_full",
-                            "the server's storage is full; the readings "
-                            "were not stored, resend them after retry_after "
-                            "seconds"),
+            ws_reply_error(id, "spool_full",
+                           "the server's storage is full; the readings "
+                           "were not stored, resend them after retry_after "
+                           "seconds"),
             retry_after_s);
     case ING_ESHUTDOWN:
         return with_retry(
-            ws_answer_error(id, "shutting_down",
-                            "the server is shutting down; the readings were "
-                            "not stored, resend them after retry_after "
-                            "seconds"),
+            ws_reply_error(id, "shutting_down",
+                           "the server is shutting down; the readings were "
+                           "not stored, resend them after retry_after "
+                           "seconds"),
             retry_after_s);
     case ING_ETOOBIG:
-        return ws_answer_error(id, "too_large",
-                               "a reading is over the storage's record size "
-                               "limit; the readings were not stored, send "
-                               "smaller readings");
+        return ws_reply_error(id, "too_large",
+                              "a reading is over the storage's record size "
+                              "limit; the readings were not stored, send "
+                              "smaller readings");
     default:
         *fatal = 1;
-        return ws_answer_error(id, "storage_failed",
-                               "storage failed; the readings were not "
-                               "stored, reconnect and resend them");
+        return ws_reply_error(id, "storage_failed",
+                              "storage failed; the readings were not "
+                              "stored, reconnect and resend them");
     }
 }
 
 void ws_parsed_clear(ws_parsed_t *p)
 {
     json_decref(p->id);
-    json_decref(p->answer);
+    json_decref(p->reply);
     pipeline_batch_free(p->batch);
     memset(p, 0, sizeof(*p));
 }
 
-/* Sets an error answer in `out`. Returns 0 or ING_ENOMEM. */
+/* Sets an error reply in `out`. Returns 0 or ING_ENOMEM. */
 static int reject(ws_parsed_t *out, enum ws_message_result result,
                   const char *code, const char *message)
 {
-    out->answer = ws_answer_error(out->id, code, message);
+    out->reply = ws_reply_error(out->id, code, message);
     out->result = result;
-    return out->answer ? 0 : ING_ENOMEM;
+    return out->reply ? 0 : ING_ENOMEM;
 }
 
 /* Finds the readings of `root`: the value itself, an array, or an
  * envelope's "reading" or "readings". Stores them in `*items` (an array
- * the caller releases) or sets an answer. Returns 0 or ING_ENOMEM. */
+ * the caller releases) or sets a reply. Returns 0 or ING_ENOMEM. */
 static int find_readings(json_t *root, ws_parsed_t *out, json_t **items)
 {
     json_t *one, *many, *id;
@@ -176,7 +175,7 @@ static int find_readings(json_t *root, ws_parsed_t *out, json_t **items)
     return 0;
 }
 
-/* Sets the answer to a batch with rejected readings: device_mismatch when
+/* Sets the reply to a batch with rejected readings: device_mismatch when
  * any reading names another device, validation_failed otherwise. */
 static int reject_batch(ws_parsed_t *out, pipeline_batch_t *b,
                         size_t unparsable)
@@ -209,16 +208,15 @@ static int reject_batch(ws_parsed_t *out, pipeline_batch_t *b,
     if (rc != 0)
         return rc;
     errors = pipeline_batch_errors(b);
-    if (errors == NULL || json_object_set_new(out->answer, "readings",
-                                              errors) != 0)
+    if (errors == NULL ||
+        json_object_set_new(out->reply, "readings", errors) != 0)
         return ING_ENOMEM;
     return 0;
 }
 
 /* Builds the batch from `items`. Returns 0 or ING_ENOMEM. */
-static int build_batch(const ws_ingest_config_t *cfg,
-                       const auth_device_t *dev, json_t *items,
-                       ws_parsed_t *out)
+static int build_batch(const ws_ingest_config_t *cfg, const auth_device_t *dev,
+                       json_t *items, ws_parsed_t *out)
 {
     size_t n = json_array_size(items);
     size_t unparsable = 0;
@@ -267,21 +265,20 @@ int ws_message_parse(const ws_ingest_config_t *cfg, const auth_device_t *dev,
     int rc;
 
     memset(out, 0, sizeof(*out));
-    /* Scalars parse too, so that they get the more helpful answer. */
+    /* Scalars parse too, so that they get the more helpful reply. */
     root = json_loadb(text, len, JSON_DECODE_ANY, &error);
     if (root == NULL) {
         snprintf(message, sizeof(message),
                  "invalid JSON at line %d column %d: %s", error.line,
                  error.column, error.text);
         rc = reject(out, WS_MESSAGE_INVALID, "invalid_json", message);
-        if (rc == 0 &&
-            json_object_set_new(out->answer, "position",
-                                json_integer(error.position)) != 0)
+        if (rc == 0 && json_object_set_new(out->reply, "position",
+                                           json_integer(error.position)) != 0)
             rc = ING_ENOMEM;
         goto done;
     }
     rc = find_readings(root, out, &items);
-    if (rc == 0 && out->answer == NULL)
+    if (rc == 0 && out->reply == NULL)
         rc = build_batch(cfg, dev, items, out);
 done:
     json_decref(items);

@@ -1,6 +1,6 @@
 /* WebSocket connections (RFC 6455) and the telemetry protocol on them.
  *
- * The HTTP module answers the opening handshake and then hands the socket
+ * The HTTP module responds to the opening handshake and then hands the socket
  * over as a byte stream: it keeps owning the socket and the connection's
  * lifetime, and calls the ws_conn_on_* functions with what happens on it.
  * A ws connection turns those bytes into messages with wslay, calls an
@@ -97,7 +97,7 @@ typedef struct ws_handler {
     /* A complete binary message, or NULL to close with 1003. */
     void (*on_binary)(ws_conn_t *ws, const uint8_t *data, size_t len,
                       void *arg);
-    /* The server is stopping. The application answers what it has
+    /* The server is stopping. The application replies to what it has
      * accepted and then calls ws_conn_close with 1001. NULL closes with
      * 1001 at once. */
     void (*on_drain)(ws_conn_t *ws, void *arg);
@@ -159,9 +159,9 @@ typedef struct ws_ingest_config {
     auth_t *auth;
     pipeline_loop_t *pl;
     ws_options_t ws;
-    uint64_t auth_timeout_ms;   /* first-message authentication window */
-    uint64_t max_readings;      /* per message */
-    uint64_t retry_after_s;     /* sent with spool_full and shutting_down */
+    uint64_t auth_timeout_ms; /* first-message authentication window */
+    uint64_t max_readings;    /* per message */
+    uint64_t retry_after_s;   /* sent with spool_full and shutting_down */
 } ws_ingest_config_t;
 
 /* Opens a telemetry session on `stream`, as ws_conn_open does. `dev` is the

@@ -38,37 +38,36 @@ void ws_metrics_readings(enum ws_reading_result result, uint64_t n);
 /* ---- Telemetry messages (ingest_message.c) ---- */
 
 /* One data message after parsing: either a batch ready to submit or an
- * answer to send instead. */
+ * reply to send instead. */
 typedef struct ws_parsed {
-    json_t *id;              /* the envelope's correlation id, or NULL */
-    pipeline_batch_t *batch; /* readings to submit, or NULL */
-    json_t *answer;          /* an error answer, or NULL */
-    enum ws_message_result result; /* of `answer` */
+    json_t *id;                    /* the envelope's correlation id, or NULL */
+    pipeline_batch_t *batch;       /* readings to submit, or NULL */
+    json_t *reply;                 /* an error reply, or NULL */
+    enum ws_message_result result; /* of `reply` */
 } ws_parsed_t;
 
 /* Parses a text message from device `dev` into `out`. The batch is built
  * with the all-or-nothing policy of POST /v1/data: if a reading is
- * invalid, `out` holds an answer listing every rejected reading and no
+ * invalid, `out` contains a reply listing every rejected reading and no
  * batch. Returns 0, or ING_ENOMEM with nothing in `out`. */
 int ws_message_parse(const ws_ingest_config_t *cfg, const auth_device_t *dev,
                      const char *text, size_t len, ws_parsed_t *out);
 
-/* Frees what `p` holds and clears it. */
+/* Frees what `p` contains and clears it. */
 void ws_parsed_clear(ws_parsed_t *p);
 
 /* Returns {"type":"ack","id":id,"ids":[...]} for a durable batch, or NULL
  * on allocation failure. `id` (borrowed) may be NULL. */
-json_t *ws_answer_ack(const json_t *id, const pipeline_batch_t *b);
+json_t *ws_reply_ack(const json_t *id, const pipeline_batch_t *b);
 
 /* Returns {"type":"error","id":id,"error":code,"message":message}, or NULL
  * on allocation failure. */
-json_t *ws_answer_error(const json_t *id, const char *code,
-                        const char *message);
+json_t *ws_reply_error(const json_t *id, const char *code, const char *message);
 
-/* Returns the answer to a batch that pipeline_batch_submit or its
+/* Returns the reply to a batch that pipeline_batch_submit or its
  * completion failed with `status`, and sets `*fatal` when the connection
  * must close with 1011 after it. Returns NULL on allocation failure. */
-json_t *ws_answer_failed(const json_t *id, int status,
-                         uint64_t retry_after_s, int *fatal);
+json_t *ws_reply_failed(const json_t *id, int status, uint64_t retry_after_s,
+                        int *fatal);
 
 #endif

@@ -47,7 +47,7 @@ void ws_metrics_message(enum ws_message_result result)
         snprintf(labels, sizeof(labels), "result=\"%s\"",
                  message_results[result]);
         c = metrics_counter("ingestd_ws_messages_total",
-                            "WebSocket data messages answered, by result",
+                            "WebSocket data messages replied to, by result",
                             labels);
         atomic_store(&messages[result], c);
     }

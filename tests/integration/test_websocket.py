@@ -30,7 +30,7 @@ from conftest import (add_device, binary, free_port, run_cli, stop,
 TIMEOUT_S = 20
 
 # Short timers so that ping, idle and authentication timeouts show within
-# a test. Clients of the websockets library answer pings on their own.
+# a test. Clients of the websockets library reply pings on their own.
 WS_SETTINGS = {
     "max_message_size": "4KiB",
     "idle_timeout": "2s",
@@ -128,7 +128,7 @@ def connect(server, key=None, header="Authorization", **kwargs):
 
 async def request(ws, message):
     """Send `message` (JSON-encoded unless str or bytes) and return the
-    decoded answer."""
+    decoded reply."""
     if not isinstance(message, (str, bytes)):
         message = json.dumps(message)
     await ws.send(message)
@@ -272,9 +272,9 @@ def test_frames_sent_with_handshake_are_read(server):
                        after_request=encode_frame(OP_TEXT, payload))
     try:
         assert client.status == 101, client.head
-        opcode, answer = client.read_frame()
+        opcode, reply = client.read_frame()
         assert opcode == OP_TEXT
-        assert json.loads(answer)["type"] == "ack", answer
+        assert json.loads(reply)["type"] == "ack", reply
     finally:
         client.close()
 
@@ -354,13 +354,13 @@ def test_header_auth_ack_lands_in_sink(server):
         async with connect(server, server.keys["dev-1"]) as ws:
             return await request(ws, reading(12, device_id="dev-1"))
 
-    answer = run(main())
-    assert answer["type"] == "ack", answer
-    assert answer["id"] is None
-    assert len(answer["ids"]) == 1
-    server.wait_for_ids(answer["ids"])
+    reply = run(main())
+    assert reply["type"] == "ack", reply
+    assert reply["id"] is None
+    assert len(reply["ids"]) == 1
+    server.wait_for_ids(reply["ids"])
     record = next(r for r in server.output_records()
-                  if r["message_id"] == answer["ids"][0])
+                  if r["message_id"] == reply["ids"][0])
     assert record["protocol"] == "ws"
     assert record["device_id"] == "dev-1"
     assert record["payload"] == reading(12, device_id="dev-1")
@@ -372,8 +372,8 @@ def test_x_api_key_header_auth(server):
                            header="X-API-Key") as ws:
             return await request(ws, reading(3))
 
-    answer = run(main())
-    assert answer["type"] == "ack", answer
+    reply = run(main())
+    assert reply["type"] == "ack", reply
 
 
 def test_first_message_auth(server):
@@ -446,11 +446,11 @@ def test_array_of_readings(server):
         async with connect(server, server.keys["dev-1"]) as ws:
             return await request(ws, [reading(1), reading(2), reading(3)])
 
-    answer = run(main())
-    assert answer["type"] == "ack", answer
-    assert len(answer["ids"]) == 3
-    assert len(set(answer["ids"])) == 3
-    server.wait_for_ids(answer["ids"])
+    reply = run(main())
+    assert reply["type"] == "ack", reply
+    assert len(reply["ids"]) == 3
+    assert len(set(reply["ids"])) == 3
+    server.wait_for_ids(reply["ids"])
 
 
 def test_envelope_correlation_ids(server):
@@ -500,18 +500,18 @@ def test_acks_keep_message_order_with_many_in_flight(server):
 
     async def main():
         async with connect(server, server.keys["dev-1"]) as ws:
-            # Everything goes out before the first answer is read, so
-            # the server holds many messages in flight and must stop
+            # Everything goes out before the first reply is read, so
+            # the server has many messages in flight and must stop
             # reading at its limit without dropping any.
             for i in range(count):
                 await ws.send(json.dumps(message(i)))
             return [json.loads(await asyncio.wait_for(ws.recv(), 10))
                     for _ in range(count)]
 
-    answers = run(main())
-    assert [a["id"] for a in answers] == [f"m{i}" for i in range(count)]
+    replies = run(main())
+    assert [a["id"] for a in replies] == [f"m{i}" for i in range(count)]
     acked = []
-    for i, a in enumerate(answers):
+    for i, a in enumerate(replies):
         expected = "error" if i % 7 == 3 else "ack"
         assert a["type"] == expected, (i, a)
         if expected == "ack":
@@ -547,10 +547,10 @@ def test_device_mismatch(server):
             return await request(ws, [reading(1, device_id="dev-1"),
                                       reading(2, device_id="dev-2")])
 
-    answer = run(main())
-    assert answer["type"] == "error", answer
-    assert answer["error"] == "device_mismatch"
-    assert answer["readings"][0]["index"] == 1
+    reply = run(main())
+    assert reply["type"] == "error", reply
+    assert reply["error"] == "device_mismatch"
+    assert reply["readings"][0]["index"] == 1
 
 
 def test_invalid_json_gives_position(server):
@@ -573,8 +573,8 @@ def test_too_many_readings(server):
         async with connect(server, server.keys["dev-1"]) as ws:
             return await request(ws, [{"sensor_value": 1}] * 21)
 
-    answer = run(main())
-    assert answer["error"] == "too_many_readings", answer
+    reply = run(main())
+    assert reply["error"] == "too_many_readings", reply
 
 
 def test_binary_message_gets_error_frame(server):
@@ -601,10 +601,10 @@ def test_fragmented_message(server):
             await ws.send(iter(parts))
             return json.loads(await asyncio.wait_for(ws.recv(), 10))
 
-    answer = run(main())
-    assert answer["type"] == "ack", answer
-    assert answer["id"] == "frag"
-    assert len(answer["ids"]) == 10
+    reply = run(main())
+    assert reply["type"] == "ack", reply
+    assert reply["id"] == "frag"
+    assert len(reply["ids"]) == 10
 
 
 # ---- Protocol errors ----
@@ -619,10 +619,16 @@ def test_invalid_utf8_closes_1007(server):
         client.close()
 
 
-def test_unmasked_frame_closes_1002(server):
+@pytest.mark.parametrize("frame", [
+    encode_frame(OP_TEXT, b'{"sensor_value": 1}', mask=False),
+    bytes([0xC1]) + encode_frame(OP_TEXT, b"{}")[1:],  # RSV1 set
+    encode_frame(0x3, b"x"),  # reserved opcode
+    encode_frame(0x0, b"x"),  # continuation with nothing to continue
+], ids=["unmasked", "rsv1", "opcode3", "continuation"])
+def test_protocol_error_closes_1002(server, frame):
     client = RawClient(server, key=server.keys["dev-1"])
     try:
-        client.send(OP_TEXT, json.dumps(reading()).encode(), mask=False)
+        client.sock.sendall(frame)
         code, _ = client.read_close()
         assert code == 1002
     finally:
@@ -645,7 +651,7 @@ def test_message_too_big_closes_1009(server):
     assert code == 1009
 
 
-def test_client_close_handshake_answered(server):
+def test_client_close_gets_close_reply(server):
     client = RawClient(server, key=server.keys["dev-1"])
     try:
         client.send(OP_CLOSE, struct.pack("!H", 1000) + b"bye")
@@ -673,7 +679,7 @@ def test_client_ping_gets_pong(server):
 def test_server_pings_then_closes_idle_connection(server):
     client = RawClient(server, key=server.keys["dev-1"])
     try:
-        # The client never answers, so after ping_interval (0.5 s) a ping
+        # The client never replies, so after ping_interval (0.5 s) a ping
         # arrives and after idle_timeout (2 s) the close frame.
         opcode, _ = client.read_frame()
         assert opcode == OP_PING
@@ -692,8 +698,8 @@ def test_pong_keeps_connection_open(server):
             await asyncio.sleep(3)
             return await request(ws, reading(1))
 
-    answer = run(main())
-    assert answer["type"] == "ack", answer
+    reply = run(main())
+    assert reply["type"] == "ack", reply
 
 
 # ---- Metrics ----
@@ -726,23 +732,23 @@ def test_sigterm_closes_with_1001_after_acks(ws_factory):
             for i in range(5):
                 await ws.send(json.dumps({"id": i, "reading": reading(i)}))
             s.proc.send_signal(signal.SIGTERM)
-            answers = []
+            replies = []
             with pytest.raises(ConnectionClosed) as info:
                 while True:
-                    answers.append(json.loads(
+                    replies.append(json.loads(
                         await asyncio.wait_for(ws.recv(), 10)))
-            return first, answers, info.value
+            return first, replies, info.value
 
-    first, answers, closed = run(main())
+    first, replies, closed = run(main())
     assert first["type"] == "ack", first
     assert closed.code == 1001
     assert closed.reason == "server shutting down"
-    # Messages the server read before it stopped are answered, in order.
-    assert [a["id"] for a in answers] == list(range(len(answers)))
-    for a in answers:
+    # Messages the server read before it stopped get replies, in order.
+    assert [a["id"] for a in replies] == list(range(len(replies)))
+    for a in replies:
         assert a["type"] == "ack" or a["error"] == "shutting_down", a
     assert s.proc.wait(timeout=20) == 0
-    acked = first["ids"] + [i for a in answers if a["type"] == "ack"
+    acked = first["ids"] + [i for a in replies if a["type"] == "ack"
                             for i in a["ids"]]
     records = {r["message_id"] for r in s.output_records()}
     assert set(acked) <= records
@@ -768,12 +774,12 @@ async def crash_sender(port, key, acked):
                     body = [reading(n % 101, seq=n)] * (1 + n % 3)
                     await ws.send(json.dumps({"id": n, "readings": body}))
                 for _ in range(CRASH_WINDOW):
-                    answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
-                    if answer["type"] == "ack":
-                        acked.extend(answer["ids"])
+                    reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if reply["type"] == "ack":
+                        acked.extend(reply["ids"])
                     else:
-                        assert answer["error"] in ("spool_full",
-                                                   "shutting_down"), answer
+                        assert reply["error"] in ("spool_full",
+                                                   "shutting_down"), reply
     except (ConnectionClosed, OSError, asyncio.TimeoutError):
         # The server died: the messages without an ack may or may not be
         # stored.

@@ -38,14 +38,12 @@ static void ws_key_valid_cases(void **state)
         const char *key;
         int valid;
     } cases[] = {
-        {"dGhlIHNhbXBsZSBub25jZQ==", 1},
-        {"AAAAAAAAAAAAAAAAAAAAAA==", 1},
-        {"ab+/AAAAAAAAAAAAAAAAAA==", 1},
-        {"", 0},
-        {"dGhlIHNhbXBsZSBub25jZQ=", 0},    /* 23 characters */
-        {"dGhlIHNhbXBsZSBub25jZQ===", 0},  /* 25 characters */
-        {"dGhlIHNhbXBsZSBub25jZQAA", 0},   /* 18 bytes, no padding */
-        {"dGhlIHNhbXBsZSBub25jZ*==", 0},   /* not base64 */
+        {"dGhlIHNhbXBsZSBub25jZQ==", 1},  {"AAAAAAAAAAAAAAAAAAAAAA==", 1},
+        {"ab+/AAAAAAAAAAAAAAAAAA==", 1},  {"", 0},
+        {"dGhlIHNhbXBsZSBub25jZQ=", 0},   /* 23 characters */
+        {"dGhlIHNhbXBsZSBub25jZQ===", 0}, /* 25 characters */
+        {"dGhlIHNhbXBsZSBub25jZQAA", 0},  /* 18 bytes, no padding */
+        {"dGhlIHNhbXBsZSBub25jZ*==", 0},  /* not base64 */
         {"dGhlIHNhbXBsZSBub25j ==", 0},
     };
 
@@ -53,8 +51,7 @@ static void ws_key_valid_cases(void **state)
     assert_int_equal(ws_handshake_key_valid(NULL), 0);
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         print_message("key \"%s\"\n", cases[i].key);
-        assert_int_equal(ws_handshake_key_valid(cases[i].key),
-                         cases[i].valid);
+        assert_int_equal(ws_handshake_key_valid(cases[i].key), cases[i].valid);
     }
 }
 
@@ -71,7 +68,7 @@ typedef struct fake {
     size_t text_lens[4];
     int text_count;
     int binary_count;
-    int closed;         /* the handler's on_close ran */
+    int closed; /* the handler's on_close ran */
     uint16_t close_code;
 } fake_t;
 
@@ -120,8 +117,7 @@ static void on_text(ws_conn_t *ws, const char *data, size_t len, void *arg)
     f->text_lens[f->text_count++] = len;
 }
 
-static void on_binary(ws_conn_t *ws, const uint8_t *data, size_t len,
-                      void *arg)
+static void on_binary(ws_conn_t *ws, const uint8_t *data, size_t len, void *arg)
 {
     (void)ws;
     (void)data;
@@ -253,7 +249,7 @@ static void ws_conn_reassembles_fragments(void **state)
 
     n += frame(buf + n, 0, 0x1, "{\"a\":", 5, 1);
     n += frame(buf + n, 0, 0x0, "1", 1, 1);
-    /* A ping between fragments is allowed and answered. */
+    /* A ping between fragments is allowed and gets a pong. */
     n += frame(buf + n, 1, 0x9, "p", 1, 1);
     n += frame(buf + n, 1, 0x0, "}", 1, 1);
     /* Byte by byte, as a slow network would deliver them. */
@@ -384,14 +380,13 @@ int main(void)
         cmocka_unit_test(ws_accept_rfc_example),
         cmocka_unit_test(ws_accept_rejects_invalid_key),
         cmocka_unit_test(ws_key_valid_cases),
-        cmocka_unit_test_setup_teardown(ws_conn_delivers_text, setup,
-                                        teardown),
+        cmocka_unit_test_setup_teardown(ws_conn_delivers_text, setup, teardown),
         cmocka_unit_test_setup_teardown(ws_conn_reassembles_fragments, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(ws_conn_unmasked_frame_closes_1002,
                                         setup, teardown),
-        cmocka_unit_test_setup_teardown(ws_conn_invalid_utf8_closes_1007,
-                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(ws_conn_invalid_utf8_closes_1007, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(ws_conn_too_big_closes_1009, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(ws_conn_answers_client_close, setup,
@@ -402,8 +397,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(ws_conn_pause_stops_reading, setup,
                                         teardown),
-        cmocka_unit_test_setup_teardown(ws_conn_stream_end_reports_1006,
-                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(ws_conn_stream_end_reports_1006, setup,
+                                        teardown),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
