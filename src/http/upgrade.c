@@ -320,8 +320,7 @@ void http_ws_handle(http_conn_t *c, http_request_t *r)
 {
     http_listener_t *l = c->listener;
     char accept[WS_ACCEPT_LEN + 1];
-    auth_device_t dev = r->dev;
-    int have_dev = r->have_dev;
+    const char *key = r->key_len > 0 ? r->key : NULL;
     ws_stream_t stream = {
         .ops = &ws_stream_ops,
         .ctx = c,
@@ -355,7 +354,7 @@ void http_ws_handle(http_conn_t *c, http_request_t *r)
         http_conn_close(c);
         return;
     }
-    ws = ws_ingest_open(&stream, &l->ws, have_dev ? &dev : NULL);
+    ws = ws_ingest_open(&stream, &l->ws, key);
     if (ws == NULL) {
         log_error("websocket session allocation failed", "conn=%llu peer=%s",
                   (unsigned long long)c->id, c->peer);

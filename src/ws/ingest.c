@@ -45,6 +45,7 @@ struct session {
     ws_conn_t *ws; /* NULL once the connection closed */
     ws_ingest_config_t cfg;
     auth_device_t dev;
+    char key[AUTH_KEY_LEN + 1]; /* kept to check it again per message */
     int authenticated;
     int draining;
     int closing; /* we sent a close frame: input is ignored */
@@ -115,8 +116,10 @@ static void msg_done(msg_t *m, json_t *reply, int fatal)
 
 static void session_maybe_free(session_t *s)
 {
-    if (s->ws == NULL && s->pending == 0)
+    if (s->ws == NULL && s->pending == 0) {
+        explicit_bzero(s->key, sizeof(s->key));
         free(s);
+    }
 }
 
 static void on_batch_done(pipeline_batch_t *b, int status, void *arg);
@@ -219,8 +222,8 @@ static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
 
     s->pending--;
     if (m->orphan) {
-        /* Nobody waits for this reply; the readings are stored or not,
-         * and the client resends what got no ack. */
+        /* The connection closed, so the reply is dropped. The client
+         * resends every message that got no ack. */
         msg_free(m);
         session_maybe_free(s);
         return;
@@ -266,6 +269,33 @@ static void send_auth_ok(session_t *s)
     free(text);
 }
 
+/* Checks `key` (of `len` bytes) and stores it and its device. Returns 1,
+ * or 0 after closing the connection with 1008. */
+static int check_key(session_t *s, const char *key, size_t len)
+{
+    auth_device_t dev;
+    enum auth_result res = AUTH_UNKNOWN_KEY;
+
+    /* No valid key is longer than AUTH_KEY_LEN. */
+    if (len <= AUTH_KEY_LEN)
+        res = auth_check_key(s->cfg.auth, key, len, &dev);
+    if (res == AUTH_UNKNOWN_KEY) {
+        reject_auth(s, "the API key is unknown or expired");
+        return 0;
+    }
+    if (res == AUTH_DISABLED) {
+        reject_auth(s, "this device is disabled; ask the operator to "
+                       "enable it");
+        return 0;
+    }
+    if (key != s->key) {
+        memcpy(s->key, key, len);
+        s->key[len] = '\0';
+    }
+    s->dev = dev;
+    return 1;
+}
+
 /* Handles the first message of a connection whose upgrade request had no
  * key: it must be {"type":"auth","key":"ik_..."}. */
 static void authenticate(session_t *s, const char *text, size_t len)
@@ -273,7 +303,6 @@ static void authenticate(session_t *s, const char *text, size_t len)
     json_t *root = json_loadb(text, len, 0, NULL);
     const char *type = json_string_value(json_object_get(root, "type"));
     json_t *key = json_object_get(root, "key");
-    enum auth_result res;
 
     if (type == NULL || strcmp(type, "auth") != 0 || !json_is_string(key)) {
         reject_auth(s, "the first message must be "
@@ -281,17 +310,8 @@ static void authenticate(session_t *s, const char *text, size_t len)
                        "upgrade request sent an API key header");
         goto done;
     }
-    res = auth_check_key(s->cfg.auth, json_string_value(key),
-                         json_string_length(key), &s->dev);
-    if (res == AUTH_UNKNOWN_KEY) {
-        reject_auth(s, "the API key is unknown or expired");
+    if (!check_key(s, json_string_value(key), json_string_length(key)))
         goto done;
-    }
-    if (res == AUTH_DISABLED) {
-        reject_auth(s, "this device is disabled; ask the operator to "
-                       "enable it");
-        goto done;
-    }
     s->authenticated = 1;
     ws_conn_set_timeout(s->ws, 0);
     log_debug("websocket authenticated", "conn=%llu peer=%s device=%s",
@@ -334,6 +354,8 @@ static void on_text(ws_conn_t *ws, const char *text, size_t len, void *arg)
         authenticate(s, text, len);
         return;
     }
+    if (!check_key(s, s->key, strlen(s->key)))
+        return;
     /* Messages start in arrival order, so a message waits when an
      * earlier one is parked. */
     if (s->parked > 0 || s->queued >= MAX_IN_FLIGHT) {
@@ -439,8 +461,7 @@ static const ws_handler_t ingest_handler = {
 };
 
 ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
-                          const ws_ingest_config_t *cfg,
-                          const auth_device_t *dev)
+                          const ws_ingest_config_t *cfg, const char *key)
 {
     session_t *s = calloc(1, sizeof(*s));
 
@@ -449,19 +470,19 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
     s->cfg = *cfg;
     s->conn_id = stream->conn_id;
     snprintf(s->peer, sizeof(s->peer), "%s", stream->peer ? stream->peer : "?");
-    if (dev != NULL) {
-        s->dev = *dev;
-        s->authenticated = 1;
-    }
     s->ws = ws_conn_open(stream, &cfg->ws, &ingest_handler, s);
     if (s->ws == NULL) {
         free(s);
         return NULL;
     }
-    if (!s->authenticated)
+    /* The HTTP module checked a header key already, but the registry may
+     * have changed since, and then the connection closes with 1008. */
+    if (key != NULL)
+        s->authenticated = check_key(s, key, strlen(key));
+    else
         ws_conn_set_timeout(s->ws, cfg->auth_timeout_ms);
     log_debug("websocket opened", "conn=%llu peer=%s device=%s auth=%s",
               (unsigned long long)s->conn_id, s->peer, device_of(s),
-              s->authenticated ? "header" : "first_message");
+              key != NULL ? "header" : "first_message");
     return s->ws;
 }

@@ -164,12 +164,13 @@ typedef struct ws_ingest_config {
     uint64_t retry_after_s;   /* sent with spool_full and shutting_down */
 } ws_ingest_config_t;
 
-/* Opens a telemetry session on `stream`, as ws_conn_open does. `dev` is the
- * device that the upgrade request's API key authenticated, or NULL, in
- * which case the first message must be {"type":"auth","key":"..."}.
- * Returns the connection, or NULL on allocation failure. */
+/* Opens a telemetry session on `stream`, as ws_conn_open does. `key` is the
+ * API key that the upgrade request sent in a header, or NULL, in which case
+ * the first message must be {"type":"auth","key":"..."}. The key is checked
+ * again before each message, so that disabling the device or revoking the
+ * key also ends open connections. Returns the connection, or NULL on
+ * allocation failure. */
 ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
-                          const ws_ingest_config_t *cfg,
-                          const auth_device_t *dev);
+                          const ws_ingest_config_t *cfg, const char *key);
 
 #endif

@@ -439,6 +439,25 @@ def test_auth_timeout_closes_1008(server):
     assert "timed out" in reason
 
 
+def test_disabling_device_closes_open_connection(ws_factory):
+    s = ws_factory()
+
+    async def main():
+        async with connect(s, s.keys["dev-1"]) as ws:
+            first = await request(ws, reading(1))
+            run_cli("device", "disable", "dev-1", config=s.config)
+            # SIGHUP reloads the registry at once.
+            s.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            await ws.send(json.dumps(reading(2)))
+            return first, await expect_close(ws)
+
+    first, (code, reason) = run(main())
+    assert first["type"] == "ack", first
+    assert code == 1008
+    assert "disabled" in reason
+
+
 # ---- Messages ----
 
 def test_array_of_readings(server):
