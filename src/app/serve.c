@@ -19,6 +19,7 @@
 #include "core/log.h"
 #include "core/metrics.h"
 #include "http/http.h"
+#include "mqtt/mqtt.h"
 #include "pipeline/pipeline.h"
 #include "sinks/sink.h"
 #include "spool/spool.h"
@@ -40,6 +41,7 @@ typedef struct worker {
     uv_timer_t drain_timer;
     pipeline_loop_t *pl;
     http_listener_t *listener;
+    mqtt_listener_t *mqtt;
     _Atomic int command;
     int handled_command;
     int start_rc;
@@ -92,14 +94,24 @@ static void on_drain_check(uv_timer_t *t)
             http_listener_close(w->listener);
             w->listener = NULL;
         }
+        if (w->mqtt != NULL) {
+            mqtt_listener_close(w->mqtt);
+            w->mqtt = NULL;
+        }
     }
     if (w->listener != NULL && http_listener_connections(w->listener) > 0)
+        return;
+    if (w->mqtt != NULL && mqtt_listener_connections(w->mqtt) > 0)
         return;
     if (pipeline_loop_pending(w->pl) > 0)
         return;
     if (w->listener != NULL) {
         http_listener_close(w->listener);
         w->listener = NULL;
+    }
+    if (w->mqtt != NULL) {
+        mqtt_listener_close(w->mqtt);
+        w->mqtt = NULL;
     }
     uv_timer_stop(t);
     uv_close((uv_handle_t *)t, on_worker_handle_closed);
@@ -117,6 +129,8 @@ static void on_worker_control(uv_async_t *a)
         w->handled_command = WORKER_DRAIN;
         if (w->listener != NULL)
             http_listener_drain(w->listener);
+        if (w->mqtt != NULL)
+            mqtt_listener_drain(w->mqtt);
         uv_timer_start(&w->drain_timer, on_drain_check, 0, DRAIN_CHECK_MS);
     }
 }
@@ -145,6 +159,15 @@ static void *worker_main(void *arg)
         w->start_rc = http_api_start(&w->loop, s->cfg, s->auth, w->pl,
                                      &w->listener, w->start_err,
                                      sizeof(w->start_err));
+    }
+    if (w->start_rc == 0) {
+        w->start_rc = mqtt_listener_start(&w->loop, s->cfg, s->auth, w->pl,
+                                          &w->mqtt, w->start_err,
+                                          sizeof(w->start_err));
+        if (w->start_rc != 0) {
+            http_listener_close(w->listener);
+            w->listener = NULL;
+        }
     }
     uv_sem_post(&w->started);
     if (w->start_rc != 0) {

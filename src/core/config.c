@@ -143,6 +143,8 @@ static const directive_t directives[] = {
      "10000", NULL, 0},
     {"mqtt.max_subscriptions", TYPE_INT, CFG(mqtt.max_subscriptions), 1, 1024,
      "8", NULL, 0},
+    {"mqtt.topics", TYPE_STRING, CFG(mqtt.topics), 0, 0,
+     "devices/{device_id}/data", NULL, 0},
     {"spool.durability", TYPE_ENUM, CFG(spool.durability), 0, 0, "fsync",
      durabilities, 0},
     {"spool.segment_size", TYPE_SIZE, CFG(spool.segment_size), 64 * KIB, TIB,
@@ -1538,6 +1540,7 @@ void config_free(config_t *cfg)
     free(cfg->http.listen);
     free(cfg->admin.listen);
     free(cfg->mqtt.listen);
+    free(cfg->mqtt.topics);
     free(cfg->default_device_type);
     free(cfg);
 }

@@ -115,6 +115,9 @@ typedef struct config {
         uint64_t max_keepalive_s;      /* cap, sent as Server Keep Alive */
         uint64_t max_connections;      /* per worker */
         uint64_t max_subscriptions;    /* feedback filters per session */
+        /* Comma-separated topic templates, each with one {device_id}
+         * level, such as "devices/{device_id}/data". */
+        char *topics;
     } mqtt;
 
     struct {

@@ -43,6 +43,7 @@ struct pipeline_batch {
     auth_device_t dev;
     char protocol[16];
     char *content_type;
+    json_t *metadata; /* extra envelope fields, or NULL */
     const schema_t *schema;
     char received_at[32];
 
@@ -283,6 +284,8 @@ static int append_envelope(pipeline_batch_t *b, const json_t *reading)
     if (b->content_type != NULL)
         json_object_set_new(env, "content_type",
                             json_string(b->content_type));
+    if (b->metadata != NULL)
+        json_object_update(env, b->metadata);
     /* The payload is borrowed; dumping it now means the caller may free
      * the parsed reading as soon as this returns. */
     json_object_set(env, "payload", (json_t *)reading);
@@ -293,6 +296,35 @@ static int append_envelope(pipeline_batch_t *b, const json_t *reading)
     e->len = strlen(e->json);
     b->accepted_count++;
     return 0;
+}
+
+int pipeline_batch_set_metadata(pipeline_batch_t *b, const char *key,
+                                json_t *value)
+{
+    static const char *const reserved[] = {
+        "message_id", "device_id", "device_type", "protocol",
+        "received_at", "content_type", "payload"};
+
+    if (value == NULL)
+        return ING_ENOMEM;
+    for (size_t i = 0; i < sizeof(reserved) / sizeof(reserved[0]); i++) {
+        if (strcmp(key, reserved[i]) == 0)
+            goto invalid;
+    }
+    if (b->count > 0)
+        goto invalid;
+    if (b->metadata == NULL)
+        b->metadata = json_object();
+    if (b->metadata == NULL) {
+        json_decref(value);
+        return ING_ENOMEM;
+    }
+    if (json_object_set_new(b->metadata, key, value) != 0)
+        return ING_ENOMEM;
+    return 0;
+invalid:
+    json_decref(value);
+    return ING_EINVAL;
 }
 
 int pipeline_batch_add(pipeline_batch_t *b, const json_t *reading)
@@ -432,6 +464,7 @@ void pipeline_batch_free(pipeline_batch_t *b)
         free(b->accepted[i].json);
     free(b->accepted);
     json_decref(b->errors);
+    json_decref(b->metadata);
     free(b->content_type);
     free(b);
 }

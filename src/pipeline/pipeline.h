@@ -11,6 +11,8 @@
  *   {"message_id":"...","device_id":"...","device_type":"...",
  *    "protocol":"http","received_at":"2026-12-04T17:00:00.123Z",
  *    "content_type":"application/json","payload":{...the reading...}}
+ * plus any field set with pipeline_batch_set_metadata, placed before
+ * "payload".
  */
 #ifndef INGESTD_PIPELINE_PIPELINE_H
 #define INGESTD_PIPELINE_PIPELINE_H
@@ -52,6 +54,14 @@ pipeline_batch_t *pipeline_batch_new(pipeline_loop_t *pl,
                                      const auth_device_t *dev,
                                      const char *protocol,
                                      const char *content_type);
+
+/* Adds field `key` with `value` (reference stolen) to the envelope of
+ * every reading added afterwards, such as "mqtt" with the topic and user
+ * properties of an MQTT message. Call before the first pipeline_batch_add.
+ * `key` must not name a standard envelope field. Returns 0, ING_EINVAL for
+ * a reserved key or a batch with readings, or ING_ENOMEM. */
+int pipeline_batch_set_metadata(pipeline_batch_t *b, const char *key,
+                                json_t *value);
 
 enum pipeline_add_result {
     PIPELINE_ACCEPTED = 0,  /* valid, enveloped, waiting for submit */
