@@ -71,6 +71,7 @@ class Server:
     config: Path
     log: Path
     proc: subprocess.Popen
+    mqtt_port: int = 0
 
     def output_records(self):
         """Return every envelope the file sink wrote so far."""
@@ -106,8 +107,12 @@ def yaml_value(value):
 
 
 def write_config(folder, port, admin_port, http=None, spool=None,
-                 sink=None):
-    """Write a config file into `folder` and return its path."""
+                 sink=None, mqtt=None, mqtt_port=None):
+    """Write a config file into `folder` and return its path.
+
+    The MQTT listener always gets its own port (`mqtt_port`, or a free
+    one), so that servers never share the default 1883.
+    """
     http_settings = dict(DEFAULT_HTTP, **(http or {}))
     http_settings["listen"] = f"127.0.0.1:{port}"
     lines = [
@@ -118,6 +123,10 @@ def write_config(folder, port, admin_port, http=None, spool=None,
     ]
     lines += [f"  {k}: {yaml_value(v)}" for k, v in http_settings.items()]
     lines += ["admin:", f"  listen: 127.0.0.1:{admin_port}"]
+    mqtt_settings = dict(mqtt or {})
+    mqtt_settings["listen"] = f"127.0.0.1:{mqtt_port or free_port()}"
+    lines += ["mqtt:"]
+    lines += [f"  {k}: {yaml_value(v)}" for k, v in mqtt_settings.items()]
     if spool:
         lines += ["spool:"]
         lines += [f"  {k}: {yaml_value(v)}" for k, v in spool.items()]
@@ -189,11 +198,13 @@ def stop(server):
 
 
 def start_server(folder, http=None, spool=None, sink=None,
-                 devices=("dev-1", "dev-2"), disabled=("dev-off",)):
+                 devices=("dev-1", "dev-2"), disabled=("dev-off",),
+                 mqtt=None):
     """Start ingestd in `folder` and return a Server once it is ready."""
     folder.mkdir(parents=True, exist_ok=True)
-    port, admin_port = free_port(), free_port()
-    config = write_config(folder, port, admin_port, http, spool, sink)
+    port, admin_port, mqtt_port = free_port(), free_port(), free_port()
+    config = write_config(folder, port, admin_port, http, spool, sink,
+                          mqtt=mqtt, mqtt_port=mqtt_port)
     keys = {d: add_device(d, config) for d in (*devices, *disabled)}
     for d in disabled:
         run_cli("device", "disable", d, config=config)
@@ -205,7 +216,7 @@ def start_server(folder, http=None, spool=None, sink=None,
                     base_url=f"http://127.0.0.1:{port}",
                     admin_url=f"http://127.0.0.1:{admin_port}", keys=keys,
                     data_dir=folder / "data", config=config, log=log,
-                    proc=proc)
+                    proc=proc, mqtt_port=mqtt_port)
     try:
         wait_ready(proc, server.admin_url, log)
     except BaseException:
