@@ -9,7 +9,7 @@ libjansson-dev libyaml-dev libsqlite3-dev libssl-dev libpcre2-dev \
 libwslay-dev libpaho-mqtt-dev librdkafka-dev"
 test_pkgs="libcmocka-dev curl python3 python3-requests python3-pytest \
 sqlite3 wrk nginx-light mosquitto mosquitto-clients \
-python3-websockets kcat"
+python3-websockets kcat python3-paho-mqtt"
 fuzz_pkgs="clang"
 
 want="$build_pkgs"
