@@ -411,7 +411,14 @@ static int start_storage(server_t *s, char *err, size_t errlen)
     opts.fsync = s->cfg->spool.durability == SPOOL_DURABILITY_FSYNC;
     opts.segment_size = s->cfg->spool.segment_size;
     opts.max_size = s->cfg->spool.max_size;
-    opts.max_record = s->cfg->http.max_body_bytes + 4096;
+    /* A record is one envelope: the largest reading any protocol accepts
+     * plus room for the envelope's own fields. */
+    opts.max_record = s->cfg->http.max_body_bytes;
+    if (s->cfg->ws.max_message_size > opts.max_record)
+        opts.max_record = s->cfg->ws.max_message_size;
+    if (s->cfg->mqtt.max_packet_size > opts.max_record)
+        opts.max_record = s->cfg->mqtt.max_packet_size;
+    opts.max_record += 4096;
     rc = spool_open(&opts, &s->spool, err, errlen);
     if (rc != 0)
         return rc;
