@@ -78,7 +78,7 @@ static int create_topic(rd_kafka_mock_cluster_t *cluster, const char *spec,
             return -1;
         }
     }
-    /* Every broker holds a replica, as with a replication factor of 3 on
+    /* Every broker stores a replica, as a replication factor of 3 does on
      * a real 3-broker cluster. */
     err = rd_kafka_mock_topic_create(cluster, name, partitions, brokers);
     if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
@@ -89,7 +89,7 @@ static int create_topic(rd_kafka_mock_cluster_t *cluster, const char *spec,
     return 0;
 }
 
-/* Sets every broker down (`up` 0) or up (`up` 1) and says so on stderr. */
+/* Sets every broker down (`up` 0) or up (`up` 1) and logs it to stderr. */
 static void set_brokers(rd_kafka_mock_cluster_t *cluster, int up)
 {
     rd_kafka_resp_err_t err;
