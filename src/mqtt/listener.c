@@ -306,7 +306,7 @@ static void on_connection(uv_stream_t *server, int status)
 static int open_socket(const char *address, char *err, size_t errlen)
 {
     struct addrinfo hints = {0}, *res = NULL;
-    const char *given = address;
+    const char *configured = address;
     char host[256];
     const char *colon = strrchr(address, ':');
     int fd = -1, one = 1, rc;
@@ -328,7 +328,7 @@ static int open_socket(const char *address, char *err, size_t errlen)
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | AI_NUMERICHOST;
     rc = getaddrinfo(host, colon + 1, &hints, &res);
     if (rc != 0) {
-        snprintf(err, errlen, "mqtt listen %s: %s", given, gai_strerror(rc));
+        snprintf(err, errlen, "mqtt listen %s: %s", configured, gai_strerror(rc));
         return ING_EINVAL;
     }
     fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
@@ -338,7 +338,7 @@ static int open_socket(const char *address, char *err, size_t errlen)
         setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0 ||
         bind(fd, res->ai_addr, res->ai_addrlen) != 0 ||
         listen(fd, LISTEN_BACKLOG) != 0) {
-        snprintf(err, errlen, "mqtt listen %s: %s", given, strerror(errno));
+        snprintf(err, errlen, "mqtt listen %s: %s", configured, strerror(errno));
         if (fd >= 0)
             close(fd);
         freeaddrinfo(res);
@@ -349,7 +349,7 @@ static int open_socket(const char *address, char *err, size_t errlen)
 invalid:
     snprintf(err, errlen,
              "mqtt listen %s: expected host:port, such as 127.0.0.1:1883",
-             given);
+             configured);
     return ING_EINVAL;
 }
 
@@ -396,7 +396,7 @@ static int parse_topics(mqtt_listener_t *l, const char *text, char *err,
             p++;
     }
     if (l->topic_count == 0) {
-        snprintf(err, errlen, "mqtt.topics: no topic template given");
+        snprintf(err, errlen, "mqtt.topics: no topic template configured");
         return ING_ECONFIG;
     }
     return 0;

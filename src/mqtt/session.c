@@ -3,7 +3,7 @@
  *
  * Input is handled packet by packet from a buffer. Handling stops while a
  * message waits for the full spool, and for a 3.1.1 client while it has
- * mqtt.receive_maximum messages in flight; reading the transport stops
+ * mqtt.receive_maximum messages in flight. Reading the transport stops
  * too, so TCP pushes back on the client. Every answer goes through one
  * queue, so PUBACKs leave in the order their PUBLISH packets arrived even
  * when the spool completes batches out of order.
@@ -191,7 +191,7 @@ void mqtt_session_close(mqtt_session_t *s)
     uv_timer_stop(&s->timer);
     uv_timer_stop(&s->retry_timer);
     if (s->held != NULL) {
-        /* The held message was never submitted; its answer is dropped
+        /* The held message was never submitted; its reply is dropped
          * with the connection, so the client sends it again. */
         for (r = s->replies_head; r != NULL; r = r->next) {
             if (r == s->held) {
@@ -401,7 +401,7 @@ void mqtt_session_mail(mqtt_session_t *s, mqtt_mail_t *mail)
     deliver(s, mail);
 }
 
-/* Queues a ready reply holding `bytes`, keeping the order of answers. */
+/* Queues a ready reply holding `bytes`, keeping the order of replies. */
 static void reply_now(mqtt_session_t *s, uint8_t *bytes, int n)
 {
     mqtt_reply_t *r;
@@ -440,7 +440,7 @@ void mqtt_session_on_pubrel(mqtt_session_t *s, const mqtt_ack_t *a)
     buf = malloc(SMALL_PACKET);
     if (buf == NULL)
         return;
-    /* 3.1.1 has no reason codes: PUBCOMP answers any PUBREL. */
+    /* 3.1.1 has no reason codes: PUBCOMP acknowledges any PUBREL. */
     if (s->version != MQTT_V5)
         comp.reason_code = 0;
     reply_now(s, buf,
@@ -529,7 +529,7 @@ static int handle_packet(mqtt_session_t *s, const mqtt_frame_t *frame)
         return -1;
     default:
         /* We publish at QoS 0 only, so PUBACK, PUBREC and PUBCOMP from
-         * the client answer nothing we sent, and AUTH needs an
+         * the client acknowledge nothing we sent, and AUTH needs an
          * authentication method this server does not offer. */
         mqtt_metrics_malformed("unexpected_packet");
         log_write_limited("mqtt_malformed", 10, LOG_LEVEL_INFO,

@@ -67,7 +67,7 @@ struct mqtt_listener {
     int refs; /* owner, handles and sessions */
 };
 
-/* An answer owed to the client, in order of arrival. A PUBLISH gets its
+/* A reply owed to the client, in order of arrival. A PUBLISH gets its
  * item at once and the item becomes ready when the pipeline completes. */
 typedef struct mqtt_reply {
     struct mqtt_reply *next;

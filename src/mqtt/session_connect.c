@@ -155,7 +155,7 @@ static int reject(mqtt_session_t *s, int version, uint8_t reason,
     return -1;
 }
 
-/* Answers a CONNECT that failed to decode. */
+/* Rejects a CONNECT that failed to decode. */
 static int reject_malformed(mqtt_session_t *s, const mqtt_connect_t *c,
                             int code)
 {
@@ -250,26 +250,26 @@ static void fill_limits(mqtt_session_t *s, mqtt_connack_t *connack)
     mqtt_props_set(p, MQTT_PROP_SHARED_SUB_AVAILABLE);
 }
 
-/* The session expiry granted: 5.0 asks with a property, and 3.1.1 with
- * clean session 0 keeps its session as long as the server allows. */
+/* Returns the session expiry granted. A 5.0 client requests one with a
+ * property, and 3.1.1 with clean session 0 gets mqtt.max_session_expiry. */
 static uint32_t granted_expiry(const mqtt_session_t *s,
                                const mqtt_connect_t *c, int *capped)
 {
     uint64_t max = s->listener->cfg->mqtt.max_session_expiry_s;
-    uint64_t asked;
+    uint64_t requested;
 
     *capped = 0;
     if (c->version == MQTT_V5)
-        asked = mqtt_props_has(&c->props, MQTT_PROP_SESSION_EXPIRY)
+        requested = mqtt_props_has(&c->props, MQTT_PROP_SESSION_EXPIRY)
                     ? c->props.session_expiry
                     : 0;
     else
-        asked = c->clean_start ? 0 : max;
-    if (asked > max) {
-        asked = max;
+        requested = c->clean_start ? 0 : max;
+    if (requested > max) {
+        requested = max;
         *capped = 1;
     }
-    return (uint32_t)asked;
+    return (uint32_t)requested;
 }
 
 int mqtt_session_on_connect(mqtt_session_t *s, const mqtt_frame_t *frame)

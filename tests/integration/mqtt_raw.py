@@ -104,7 +104,11 @@ def connect(client_id, username=None, password=None, version=V5,
 def publish(topic, payload, qos=0, packet_id=1, version=V5, dup=False,
             retain=False, properties=()):
     """Encode a PUBLISH."""
-    first = 0x30 | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
+    first = 0x30 | (qos << 1)
+    if dup:
+        first |= 0x08
+    if retain:
+        first |= 0x01
     body = string(topic)
     if qos:
         body += struct.pack("!H", packet_id)

@@ -1,8 +1,8 @@
 """MQTT 3.1.1 and 5.0 against the real ingestd on loopback.
 
-mosquitto_pub / mosquitto_sub and paho-mqtt are the client libraries;
-mqtt_raw sends hand-encoded packets where a library cannot show a reason
-code or cannot send a malformed packet.
+mosquitto_pub, mosquitto_sub and paho-mqtt are the client libraries. Where
+a library cannot show a reason code or send a malformed packet, mqtt_raw
+sends hand-encoded packets.
 """
 
 import json
@@ -613,6 +613,8 @@ def test_drain_sends_server_shutting_down(ingestd_factory):
         assert pkt.type == raw.DISCONNECT
         assert pkt.reason == 0x8B
         assert c3.closed()
+        # Waiting here keeps the fixture from sending a second SIGTERM.
+        assert server.proc.wait(timeout=20) == 0
     finally:
         c.close()
         c3.close()
