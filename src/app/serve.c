@@ -43,6 +43,10 @@ typedef struct worker {
     http_listener_t *listener;
     mqtt_listener_t *mqtt;
     _Atomic int command;
+    /* Guards `control` against uv_async_send after the worker closed it:
+     * a late stop signal must not touch a closed handle. */
+    pthread_mutex_t control_lock;
+    int control_closed;
     int handled_command;
     int start_rc;
     char start_err[512];
@@ -74,6 +78,14 @@ static server_t *the_server; /* for the spool's sync observer */
 static void on_worker_handle_closed(uv_handle_t *h)
 {
     (void)h;
+}
+
+static void close_control(worker_t *w)
+{
+    pthread_mutex_lock(&w->control_lock);
+    w->control_closed = 1;
+    uv_close((uv_handle_t *)&w->control, on_worker_handle_closed);
+    pthread_mutex_unlock(&w->control_lock);
 }
 
 /* Called every DRAIN_CHECK_MS once draining: the worker ends after its
@@ -115,7 +127,7 @@ static void on_drain_check(uv_timer_t *t)
     }
     uv_timer_stop(t);
     uv_close((uv_handle_t *)t, on_worker_handle_closed);
-    uv_close((uv_handle_t *)&w->control, on_worker_handle_closed);
+    close_control(w);
     pipeline_loop_detach(w->pl);
     w->pl = NULL;
 }
@@ -173,7 +185,7 @@ static void *worker_main(void *arg)
     if (w->start_rc != 0) {
         /* The main thread stops every worker; wait for that command. */
         uv_close((uv_handle_t *)&w->drain_timer, on_worker_handle_closed);
-        uv_close((uv_handle_t *)&w->control, on_worker_handle_closed);
+        close_control(w);
         if (w->pl != NULL)
             pipeline_loop_detach(w->pl);
         uv_run(&w->loop, UV_RUN_DEFAULT);
@@ -196,7 +208,10 @@ static void command_workers(server_t *s, int cmd)
         if (w->start_rc != 0)
             continue;
         atomic_store(&w->command, cmd);
-        uv_async_send(&w->control);
+        pthread_mutex_lock(&w->control_lock);
+        if (!w->control_closed)
+            uv_async_send(&w->control);
+        pthread_mutex_unlock(&w->control_lock);
     }
 }
 
@@ -448,6 +463,7 @@ static int start_workers(server_t *s, char *err, size_t errlen)
         w->server = s;
         w->index = i;
         uv_sem_init(&w->started, 0);
+        pthread_mutex_init(&w->control_lock, NULL);
         if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
             snprintf(err, errlen, "cannot start worker thread %d", i);
             s->worker_count = i;
