@@ -25,8 +25,8 @@
 #define START_FAILURE_STOP_MS 2000
 
 /* How long bridges_stop waits for an abandoned loop to confirm that it
- * no longer touches the pipeline. The loop never blocks, so this is a
- * safety bound only. */
+ * no longer touches the pipeline. The loop makes no blocking calls, so
+ * the confirmation normally arrives within milliseconds. */
 #define ABANDON_WAIT_MS 2000
 
 struct bridges {
@@ -449,8 +449,8 @@ static void handle_stop(bridge_t *b)
         uv_timer_stop(&b->reconnect_timer);
         uv_timer_start(&b->reconnect_timer, on_drain_check, 0, DRAIN_CHECK_MS);
     }
-    /* CONNECTING ends in an event that sees stop_requested, and
-     * DISCONNECTING in EVENT_DISCONNECTED. */
+    /* CONNECTING ends in an event whose handler checks stop_requested,
+     * and DISCONNECTING ends in EVENT_DISCONNECTED. */
 }
 
 /* Applies the connection events in the order they can happen for one

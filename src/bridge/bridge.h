@@ -1,12 +1,12 @@
 /* Bridge mode: ingest from an existing MQTT broker as its client.
  *
- * Each configured bridge connects to its broker with MQTT 5, resumes a
- * persistent session (clean start off, session expiry from the config), and
- * subscribes to its topic templates, through a shared subscription
+ * Each configured bridge connects to its broker with MQTT 5 and resumes a
+ * persistent session (clean start off, session expiry from the config).
+ * It subscribes to its topic templates through a shared subscription
  * ($share/GROUP/filter) unless the group is empty, so that several ingestd
  * instances split one stream. The device id comes from the {device_id}
- * level of the topic and is looked up in the registry: the broker, not
- * ingestd, authenticated the publisher.
+ * level of the topic and is looked up in the registry, because the broker,
+ * not ingestd, authenticated the publisher.
  *
  * A QoS 1 message is acknowledged to the broker only after its readings are
  * durable in the spool. Messages that can never be stored (unknown or
@@ -27,11 +27,12 @@
 
 typedef struct bridges bridges_t;
 
-/* Starts one thread with its own event loop for each bridge in `cfg` and
- * begins connecting; a broker that is down is retried with backoff, so
- * this does not wait for any connection. `cfg`, `auth` and `pipeline` must
- * outlive the bridges. Stores NULL in `*out` when no bridge is configured.
- * Returns 0, or ING_ENOMEM or ING_ECONFIG with a message in `err`. */
+/* Starts one thread with its own event loop for each bridge in `cfg`, and
+ * each begins connecting. This does not wait for any connection, because
+ * a broker that is down is retried with backoff. `cfg`, `auth` and
+ * `pipeline` must outlive the bridges. Stores NULL in `*out` when no
+ * bridge is configured. Returns 0, or ING_ENOMEM or ING_ECONFIG with a
+ * message in `err`. */
 int bridges_start(const config_t *cfg, auth_t *auth, pipeline_t *pipeline,
                   bridges_t **out, char *err, size_t errlen);
 

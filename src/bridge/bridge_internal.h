@@ -2,13 +2,13 @@
  * the module interface.
  *
  * Threads of one bridge:
- * - the Paho receive thread, shared by every MQTTAsync client of the
+ * - The Paho receive thread, shared by every MQTTAsync client of the
  *   process, runs on_message and blocks in it until the bridge loop has
  *   decided the message's fate. Paho sends the PUBACK only after
- *   on_message returns 1, and it holds its global API mutex meanwhile;
- * - the bridge loop thread runs a libuv loop: it validates and stores
- *   messages through the pipeline and owns all state marked "loop only";
- * - the control thread makes the Paho API calls that the loop requests
+ *   on_message returns 1, and it holds its global API mutex meanwhile.
+ * - The bridge loop thread runs a libuv loop. It validates and stores
+ *   messages through the pipeline and owns all state marked "loop only".
+ * - The control thread makes the Paho API calls that the loop requests
  *   (connect, disconnect). The loop never calls Paho itself, because a
  *   call blocks on Paho's mutex while on_message, which holds that mutex,
  *   may be waiting for the loop.
@@ -65,9 +65,9 @@ typedef struct bridge_job {
     int done; /* guarded by bridge->lock */
     int result;
     char device_id[AUTH_DEVICE_ID_MAX + 1]; /* "" unless the topic matched */
-    char *feedback; /* JSON for the feedback topic, or NULL; malloc'd */
+    char *feedback; /* malloc'd JSON for the feedback topic, or NULL */
 
-    unsigned retries; /* loop only: failed attempts to store */
+    unsigned retries; /* failed attempts to store, loop only */
 } bridge_job_t;
 
 /* Connection state, loop only. */
@@ -86,7 +86,7 @@ enum {
     EVENT_SUBSCRIBE_FAILED = 1 << 2, /* connected, but not subscribed */
     EVENT_LOST = 1 << 3,             /* an established connection broke */
     EVENT_DISCONNECTED = 1 << 4,     /* our own disconnect finished */
-    EVENT_STOP = 1 << 5,             /* bridges_stop asks the loop to drain */
+    EVENT_STOP = 1 << 5,             /* bridges_stop requests a drain */
     EVENT_ABANDON = 1 << 6,          /* bridges_stop gave up waiting */
 };
 

@@ -124,8 +124,8 @@ static int find_device(bridge_t *b, bridge_job_t *job, auth_device_t *dev)
     if (found != AUTH_OK) {
         log_rejected(b, job, BRIDGE_UNKNOWN_DEVICE,
                      "no device with this id is registered");
-        /* An id that is not registered gets no feedback, so that nobody
-         * can use the bridge to publish to arbitrary topics. */
+        /* An id that is not registered gets no feedback, so that the
+         * bridge cannot be used to publish to arbitrary topics. */
         job->device_id[0] = '\0';
         return BRIDGE_UNKNOWN_DEVICE;
     }
@@ -280,7 +280,7 @@ static void on_retry_timer(uv_timer_t *timer)
 
 /* Keeps the job unacknowledged and tries again later. The broker holds
  * back further messages once its in-flight window is used up. */
-static void queue_retry(bridge_t *b, bridge_job_t *job, const char *why)
+static void queue_retry(bridge_t *b, bridge_job_t *job, const char *reason)
 {
     uint64_t wait = bridge_backoff_ms(job->retries, STORE_RETRY_MIN_MS,
                                       STORE_RETRY_MAX_MS, bridge_random(b));
