@@ -289,8 +289,8 @@ static void queue_retry(bridge_t *b, bridge_job_t *job, const char *reason)
     metrics_counter_add(b->store_retries, 1);
     log_write_limited("bridge-store-retry", 3, LOG_LEVEL_WARN,
                       "bridge message not stored; holding it unacknowledged",
-                      "bridge=%s reason=%s retry_in_ms=%llu", b->cfg->name, why,
-                      (unsigned long long)wait);
+                      "bridge=%s reason=%s retry_in_ms=%llu", b->cfg->name,
+                      reason, (unsigned long long)wait);
     job->next = b->retries;
     b->retries = job;
     if (!uv_is_active((uv_handle_t *)&b->retry_timer))
