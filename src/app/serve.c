@@ -282,6 +282,9 @@ static void join_workers(void *arg)
     stop_bridges(s);
     for (int i = 0; i < s->worker_count; i++)
         pthread_join(s->workers[i].thread, NULL);
+    /* The sinks keep delivering what the workers stored, so that a clean
+     * stop with healthy destinations leaves the spool empty. */
+    sinks_drain(s->sinks, s->cfg->sinks_drain_timeout_ms);
 }
 
 static void after_join(uv_work_t *req, int status)

@@ -70,7 +70,11 @@ typedef struct directive {
 static const char *const log_levels[] = {"debug", "info", "warn", "error",
                                          NULL};
 static const char *const durabilities[] = {"fsync", "none", NULL};
-static const char *const sink_kinds[] = {"file", NULL};
+static const char *const sink_kinds[] = {"file", "kafka",    "redis",
+                                         "rabbitmq", "nats", "mqtt", NULL};
+static const char *const redis_modes[] = {"stream", "pubsub", NULL};
+static const char *const compressions[] = {"none", "gzip", "snappy", "lz4",
+                                           "zstd", NULL};
 
 /* An enum directive stores the index of the name it matched. */
 _Static_assert(LOG_LEVEL_DEBUG == 0 && LOG_LEVEL_INFO == 1 &&
@@ -78,8 +82,14 @@ _Static_assert(LOG_LEVEL_DEBUG == 0 && LOG_LEVEL_INFO == 1 &&
                "log_levels[] must follow enum log_level");
 _Static_assert(SPOOL_DURABILITY_FSYNC == 0 && SPOOL_DURABILITY_NONE == 1,
                "durabilities[] must follow enum spool_durability");
-_Static_assert(CONFIG_SINK_FILE == 0,
+_Static_assert(CONFIG_SINK_FILE == 0 && CONFIG_SINK_KAFKA == 1 &&
+                   CONFIG_SINK_REDIS == 2 && CONFIG_SINK_RABBITMQ == 3 &&
+                   CONFIG_SINK_NATS == 4 && CONFIG_SINK_MQTT == 5,
                "sink_kinds[] must follow enum config_sink_kind");
+_Static_assert(CONFIG_REDIS_STREAM == 0 && CONFIG_REDIS_PUBSUB == 1,
+               "redis_modes[] must follow enum config_redis_mode");
+_Static_assert(CONFIG_COMPRESSION_NONE == 0 && CONFIG_COMPRESSION_ZSTD == 4,
+               "compressions[] must follow enum config_compression");
 
 #define CFG(member) offsetof(config_t, member), sizeof(((config_t *)0)->member)
 #define SINK(member)                                                           \
@@ -153,20 +163,52 @@ static const directive_t directives[] = {
      "1GiB", NULL, 0},
     {"shutdown_timeout", TYPE_DURATION, CFG(shutdown_timeout_ms), 0, MS_PER_H,
      "10s", NULL, 0},
+    {"sinks_drain_timeout", TYPE_DURATION, CFG(sinks_drain_timeout_ms), 0,
+     MS_PER_H, "5s", NULL, 0},
     {"default_device_type", TYPE_NAME, CFG(default_device_type), 0, 0,
      "default", NULL, 0},
 };
 
-/* The keys of one entry of the sinks sequence. The default path,
- * <data_dir>/out, is set after loading. */
+/* The keys of one entry of the sinks sequence. Defaults of NULL are set
+ * after loading, because they depend on data_dir, the name or the type:
+ * path (<data_dir>/out), dead_letter, address, topic and client_id. */
 static const directive_t sink_directives[] = {
     {"name", TYPE_NAME, SINK(name), 0, 0, NULL, NULL, 0},
     {"type", TYPE_ENUM, SINK(kind), 0, 0, "file", sink_kinds, 0},
+    {"batch_records", TYPE_INT, SINK(batch_records), 1, 100000, "512", NULL, 0},
+    {"timeout", TYPE_DURATION, SINK(timeout_ms), 100, MS_PER_H, "30s", NULL,
+     0},
+    {"retry_min", TYPE_DURATION, SINK(retry_min_ms), 1, MS_PER_H, "100ms",
+     NULL, 0},
+    {"retry_max", TYPE_DURATION, SINK(retry_max_ms), 1, MS_PER_D, "30s", NULL,
+     0},
+    {"dead_letter", TYPE_PATH, SINK(dead_letter), 0, 0, NULL, NULL, 0},
     {"path", TYPE_PATH, SINK(path), 0, 0, NULL, NULL, 0},
     {"rotate_size", TYPE_SIZE, SINK(rotate_size), 64 * KIB, TIB, "64MiB", NULL,
      0},
     {"fsync", TYPE_BOOL, SINK(fsync), 0, 1, "true", NULL, 0},
-    {"batch_records", TYPE_INT, SINK(batch_records), 1, 100000, "512", NULL, 0},
+    {"address", TYPE_STRING, SINK(address), 0, 0, NULL, NULL, 0},
+    {"topic", TYPE_STRING, SINK(topic), 0, 0, NULL, NULL, 0},
+    {"exchange", TYPE_STRING, SINK(exchange), 0, 0, "telemetry", NULL, 0},
+    {"vhost", TYPE_STRING, SINK(vhost), 0, 0, "/", NULL, 0},
+    {"mode", TYPE_ENUM, SINK(mode), 0, 0, "stream", redis_modes, 0},
+    {"maxlen", TYPE_INT, SINK(maxlen), 0, UINT64_C(1) << 48, "0", NULL, 0},
+    {"username", TYPE_STRING, SINK(username), 0, 0, NULL, NULL, 0},
+    {"password", TYPE_STRING, SINK(password), 0, 0, NULL, NULL, 0},
+    {"password_file", TYPE_PATH, SINK(password_file), 0, 0, NULL, NULL, 0},
+    {"tls", TYPE_BOOL, SINK(tls), 0, 1, "false", NULL, 0},
+    {"tls_ca_file", TYPE_PATH, SINK(tls_ca_file), 0, 0, NULL, NULL, 0},
+    {"tls_cert_file", TYPE_PATH, SINK(tls_cert_file), 0, 0, NULL, NULL, 0},
+    {"tls_key_file", TYPE_PATH, SINK(tls_key_file), 0, 0, NULL, NULL, 0},
+    {"compression", TYPE_ENUM, SINK(compression), 0, 0, "none", compressions,
+     0},
+    {"linger", TYPE_DURATION, SINK(linger_ms), 0, 60 * MS_PER_S, "5ms", NULL,
+     0},
+    {"kafka_properties", TYPE_STRING, SINK(kafka_properties), 0, 0, "", NULL,
+     FLAG_EMPTY_DISABLES},
+    {"qos", TYPE_INT, SINK(qos), 0, 1, "1", NULL, 0},
+    {"client_id", TYPE_STRING, SINK(client_id), 0, 0, NULL, NULL, 0},
+    {"stream", TYPE_STRING, SINK(stream), 0, 0, "", NULL, FLAG_EMPTY_DISABLES},
 };
 
 #define BRIDGE(member)                                                         \
@@ -762,7 +804,7 @@ static int parse_sink(load_t *ld, size_t index, const config_node_t *map)
     config_t *cfg = ld->cfg;
     config_sink_t *sink = &cfg->sinks[index];
     const config_node_t *name_node = NULL;
-    char prefix[32], name[96], known[128];
+    char prefix[32], name[96], known[512];
     int rc;
 
     cfg->sink_count = index + 1;
@@ -774,8 +816,9 @@ static int parse_sink(load_t *ld, size_t index, const config_node_t *map)
               sizeof known);
     if (map->kind != YAML_MAPPING_NODE)
         return config_fail(&ld->error, map->line,
-                           "%s: expected a mapping with keys %s, got %s",
-                           prefix, known, config_node_describe(map));
+                           "%s: expected a mapping with keys such as name "
+                           "and type, got %s",
+                           prefix, config_node_describe(map));
     rc = config_node_check_keys(&ld->error, map, prefix);
     for (size_t i = 0; rc == 0 && i < map->count; i += 2) {
         const config_node_t *key = map->items[i];
@@ -1071,27 +1114,28 @@ static int split_topics(config_bridge_t *b, const char **reason)
     }
 }
 
-/* Reads the secret in b->password_file into b->password. One trailing
- * line end is dropped, since editors add it. */
-static int read_password_file(load_t *ld, config_bridge_t *b,
-                              const char *prefix, unsigned long line)
+/* Reads the secret in the file `path` into a new string in `*out`. One
+ * trailing line end is dropped, since editors add it. `prefix` names the
+ * bridge or sink in messages. */
+static int read_password_file(load_t *ld, const char *path, const char *prefix,
+                              unsigned long line, char **out)
 {
     char reason[128];
     char buf[PASSWORD_FILE_MAX + 1];
     size_t n;
     FILE *f;
 
-    if (open_regular_file(b->password_file, &f, reason, sizeof reason) != 0)
+    if (open_regular_file(path, &f, reason, sizeof reason) != 0)
         return config_fail(&ld->error, line,
                            "%s.password_file: cannot read %s: %s", prefix,
-                           b->password_file, reason);
+                           path, reason);
     n = fread(buf, 1, sizeof buf, f);
     fclose(f);
     if (n > PASSWORD_FILE_MAX)
         return config_fail(&ld->error, line,
                            "%s.password_file: %s is over %d bytes; it must "
                            "contain only the password",
-                           prefix, b->password_file, PASSWORD_FILE_MAX);
+                           prefix, path, PASSWORD_FILE_MAX);
     if (n > 0 && buf[n - 1] == '\n')
         n--;
     if (n > 0 && buf[n - 1] == '\r')
@@ -1101,10 +1145,10 @@ static int read_password_file(load_t *ld, config_bridge_t *b,
         return config_fail(&ld->error, line,
                            "%s.password_file: %s is empty or contains a NUL "
                            "character",
-                           prefix, b->password_file);
-    b->password = strdup(buf);
+                           prefix, path);
+    *out = strdup(buf);
     explicit_bzero(buf, sizeof buf);
-    return b->password ? 0 : config_fail_nomem(&ld->error);
+    return *out ? 0 : config_fail_nomem(&ld->error);
 }
 
 /* Returns the line of bridge key `key`, or of the whole entry when the
@@ -1170,8 +1214,9 @@ static int finish_bridge(load_t *ld, size_t index, const config_node_t *map,
                            "both",
                            prefix);
     if (b->password_file)
-        return read_password_file(ld, b, prefix,
-                                  bridge_line(map, nodes, "password_file"));
+        return read_password_file(ld, b->password_file, prefix,
+                                  bridge_line(map, nodes, "password_file"),
+                                  &b->password);
     return 0;
 }
 
@@ -1323,6 +1368,339 @@ static int add_default_sink(load_t *ld)
     return cfg->sinks[0].name ? 0 : config_fail_nomem(&ld->error);
 }
 
+/* ---- Sinks: values and rules that depend on the type ---- */
+
+#define KIND_BIT(kind) (1u << (kind))
+#define BROKER_KINDS                                                           \
+    (KIND_BIT(CONFIG_SINK_KAFKA) | KIND_BIT(CONFIG_SINK_REDIS) |               \
+     KIND_BIT(CONFIG_SINK_RABBITMQ) | KIND_BIT(CONFIG_SINK_NATS) |             \
+     KIND_BIT(CONFIG_SINK_MQTT))
+
+/* The sink types each type-specific key applies to. Keys not listed here
+ * (name, type, batch_records, timeout, retry_min, retry_max, dead_letter)
+ * apply to every type. Setting a key that the type ignores is an error,
+ * because it is most likely a mistake about which sink is which. */
+static const struct {
+    const char *key;
+    unsigned kinds;
+} sink_key_kinds[] = {
+    {"path", KIND_BIT(CONFIG_SINK_FILE)},
+    {"rotate_size", KIND_BIT(CONFIG_SINK_FILE)},
+    {"fsync", KIND_BIT(CONFIG_SINK_FILE)},
+    {"address", BROKER_KINDS},
+    {"topic", BROKER_KINDS},
+    {"exchange", KIND_BIT(CONFIG_SINK_RABBITMQ)},
+    {"vhost", KIND_BIT(CONFIG_SINK_RABBITMQ)},
+    {"mode", KIND_BIT(CONFIG_SINK_REDIS)},
+    {"maxlen", KIND_BIT(CONFIG_SINK_REDIS)},
+    {"username", BROKER_KINDS},
+    {"password", BROKER_KINDS},
+    {"password_file", BROKER_KINDS},
+    {"tls", BROKER_KINDS},
+    {"tls_ca_file", BROKER_KINDS},
+    {"tls_cert_file", BROKER_KINDS},
+    {"tls_key_file", BROKER_KINDS},
+    {"compression", KIND_BIT(CONFIG_SINK_KAFKA)},
+    {"linger", KIND_BIT(CONFIG_SINK_KAFKA)},
+    {"kafka_properties", KIND_BIT(CONFIG_SINK_KAFKA)},
+    {"qos", KIND_BIT(CONFIG_SINK_MQTT)},
+    {"client_id", KIND_BIT(CONFIG_SINK_MQTT)},
+    {"stream", KIND_BIT(CONFIG_SINK_NATS)},
+};
+
+/* Broker address and topic template by sink type; NULL for the file sink. */
+static const char *const sink_default_address[] = {
+    [CONFIG_SINK_KAFKA] = "127.0.0.1:9092",
+    [CONFIG_SINK_REDIS] = "127.0.0.1:6379",
+    [CONFIG_SINK_RABBITMQ] = "127.0.0.1:5672",
+    [CONFIG_SINK_NATS] = "nats://127.0.0.1:4222",
+    [CONFIG_SINK_MQTT] = "127.0.0.1:1883",
+};
+static const char *const sink_default_topic[] = {
+    [CONFIG_SINK_KAFKA] = "telemetry.{device_type}",
+    [CONFIG_SINK_REDIS] = "telemetry:{device_type}",
+    [CONFIG_SINK_RABBITMQ] = "{device_type}.{device_id}",
+    [CONFIG_SINK_NATS] = "telemetry.{device_type}.{device_id}",
+    [CONFIG_SINK_MQTT] = "telemetry/{device_type}/{device_id}",
+};
+_Static_assert(ARRAY_LEN(sink_default_address) == CONFIG_SINK_MQTT + 1 &&
+                   ARRAY_LEN(sink_default_topic) == CONFIG_SINK_MQTT + 1,
+               "every sink type needs a default address and topic");
+
+/* Returns the value node of `key` in sinks[index], or NULL when the entry
+ * leaves it at its default or there is no sinks section. */
+static const config_node_t *sink_node(const load_t *ld, size_t index,
+                                      const char *key)
+{
+    const config_node_t *map;
+
+    if (!ld->sinks_node)
+        return NULL;
+    map = ld->sinks_node->items[index];
+    for (size_t i = 0; i + 1 < map->count; i += 2) {
+        if (strcmp(map->items[i]->text, key) == 0)
+            return map->items[i + 1];
+    }
+    return NULL;
+}
+
+/* Returns the line of `key` in sinks[index], or of the entry when the key
+ * is at its default, or 0 for the built-in default sink. */
+static unsigned long sink_line(const load_t *ld, size_t index,
+                               const char *key)
+{
+    const config_node_t *node = sink_node(ld, index, key);
+
+    if (node)
+        return node->line;
+    return ld->sinks_node ? ld->sinks_node->items[index]->line : 0;
+}
+
+/* Checks a destination template with the rules of sink_template_compile
+ * in src/sinks/template.c: '{' and '}' appear only in {device_id},
+ * {device_type} or {protocol}. Returns NULL when valid, or the reason,
+ * formatted into `buf`. */
+static const char *check_sink_template(const char *t, char *buf, size_t size)
+{
+    static const char *const names[] = {"{device_id}", "{device_type}",
+                                        "{protocol}"};
+
+    for (const char *p = t; *p; p++) {
+        const char *close;
+        bool known = false;
+
+        if (*p == '}') {
+            snprintf(buf, size, "'}' without '{' at offset %zu",
+                     (size_t)(p - t));
+            return buf;
+        }
+        if (*p != '{')
+            continue;
+        close = strchr(p, '}');
+        if (!close) {
+            snprintf(buf, size, "'{' at offset %zu has no closing '}'",
+                     (size_t)(p - t));
+            return buf;
+        }
+        for (size_t i = 0; i < ARRAY_LEN(names) && !known; i++)
+            known = strlen(names[i]) == (size_t)(close - p + 1) &&
+                    strncmp(p, names[i], (size_t)(close - p + 1)) == 0;
+        if (!known) {
+            snprintf(buf, size,
+                     "unknown placeholder %.*s; use {device_id}, "
+                     "{device_type} or {protocol}",
+                     (int)(close - p + 1 > 64 ? 64 : close - p + 1), p);
+            return buf;
+        }
+        p = close;
+    }
+    return NULL;
+}
+
+/* Checks "host:port" with a port from 1 to 65535. The host may be a name,
+ * resolved by the sink when it connects. */
+static bool is_valid_host_port(const char *s, size_t len)
+{
+    const char *colon = memrchr(s, ':', len);
+    uint64_t port = 0;
+
+    if (!colon || colon == s || colon == s + len - 1)
+        return false;
+    for (const char *p = colon + 1; p < s + len; p++) {
+        if (*p < '0' || *p > '9' || port > 65535)
+            return false;
+        port = port * 10 + (uint64_t)(*p - '0');
+    }
+    return port >= 1 && port <= 65535;
+}
+
+/* Checks a sink's address: host:port, a comma-separated list of them for
+ * kafka, or a nats:// or tls:// URL for nats. Returns NULL when valid, or
+ * what was expected. */
+static const char *check_sink_address(enum config_sink_kind kind,
+                                      const char *address)
+{
+    const char *p = address;
+
+    if (kind == CONFIG_SINK_NATS) {
+        if (strncmp(address, "nats://", 7) != 0 &&
+            strncmp(address, "tls://", 6) != 0)
+            return "a URL such as nats://127.0.0.1:4222";
+        return NULL;
+    }
+    for (;;) {
+        size_t n = strcspn(p, ",");
+
+        if (kind != CONFIG_SINK_KAFKA && p[n] == ',')
+            return "host:port such as 127.0.0.1:6379";
+        if (!is_valid_host_port(p, n))
+            return kind == CONFIG_SINK_KAFKA
+                       ? "host:port or a comma-separated list of them, "
+                         "such as 127.0.0.1:9092"
+                       : "host:port such as 127.0.0.1:6379";
+        if (p[n] == '\0')
+            return NULL;
+        p += n + 1;
+    }
+}
+
+static int check_sink_keys(load_t *ld, size_t index, const char *prefix)
+{
+    config_sink_t *sink = &ld->cfg->sinks[index];
+
+    for (size_t i = 0; i < ARRAY_LEN(sink_key_kinds); i++) {
+        const config_node_t *node = sink_node(ld, index, sink_key_kinds[i].key);
+
+        if (node && !(sink_key_kinds[i].kinds & KIND_BIT(sink->kind)))
+            return config_fail(&ld->error, node->line,
+                               "%s.%s: does not apply to a sink of type %s; "
+                               "remove it",
+                               prefix, sink_key_kinds[i].key,
+                               sink_kinds[sink->kind]);
+    }
+    return 0;
+}
+
+/* Stores a copy of `value` in `*field` unless the file set it. */
+static int default_string(load_t *ld, char **field, const char *value)
+{
+    if (*field || !value)
+        return 0;
+    *field = strdup(value);
+    return *field ? 0 : config_fail_nomem(&ld->error);
+}
+
+static int set_sink_defaults(load_t *ld, config_sink_t *sink)
+{
+    const config_t *cfg = ld->cfg;
+    char file[NAME_MAX_LEN + 32];
+    int rc;
+
+    if (sink->kind == CONFIG_SINK_FILE && !sink->path) {
+        sink->path = join_path(cfg->data_dir, strlen(cfg->data_dir), "out");
+        if (!sink->path)
+            return config_fail_nomem(&ld->error);
+    }
+    if (!sink->dead_letter) {
+        snprintf(file, sizeof file, "dead-letter/%s.ndjson", sink->name);
+        sink->dead_letter =
+            join_path(cfg->data_dir, strlen(cfg->data_dir), file);
+        if (!sink->dead_letter)
+            return config_fail_nomem(&ld->error);
+    }
+    rc = default_string(ld, &sink->address, sink_default_address[sink->kind]);
+    if (rc == 0)
+        rc = default_string(ld, &sink->topic, sink_default_topic[sink->kind]);
+    if (rc == 0 && sink->kind == CONFIG_SINK_MQTT && !sink->client_id) {
+        snprintf(file, sizeof file, "ingestd-%s", sink->name);
+        rc = default_string(ld, &sink->client_id, file);
+    }
+    return rc;
+}
+
+/* Checks the rules of a broker sink that span several keys, and reads its
+ * password_file. */
+static int finish_broker_sink(load_t *ld, size_t index, const char *prefix)
+{
+    config_sink_t *sink = &ld->cfg->sinks[index];
+    const char *expected;
+    char reason[160];
+
+    if ((expected = check_sink_address(sink->kind, sink->address)))
+        return config_fail(&ld->error, sink_line(ld, index, "address"),
+                           "%s.address: expected %s, got \"%s\"", prefix,
+                           expected, sink->address);
+    if (check_sink_template(sink->topic, reason, sizeof reason))
+        return config_fail(&ld->error, sink_line(ld, index, "topic"),
+                           "%s.topic: %s in \"%s\"", prefix, reason,
+                           sink->topic);
+    if (sink->kind == CONFIG_SINK_RABBITMQ &&
+        check_sink_template(sink->exchange, reason, sizeof reason))
+        return config_fail(&ld->error, sink_line(ld, index, "exchange"),
+                           "%s.exchange: %s in \"%s\"", prefix, reason,
+                           sink->exchange);
+    if (!sink->tls_cert_file != !sink->tls_key_file)
+        return config_fail(&ld->error, sink_line(ld, index, "tls_cert_file"),
+                           "%s: set both tls_cert_file and tls_key_file, or "
+                           "neither",
+                           prefix);
+    if (!sink->tls && (sink->tls_ca_file || sink->tls_cert_file))
+        return config_fail(&ld->error, sink_line(ld, index, "tls"),
+                           "%s: tls_ca_file, tls_cert_file and tls_key_file "
+                           "need tls: true",
+                           prefix);
+    /* Debian 12's hiredis (0.14) is built without hiredis_ssl. */
+    if (sink->kind == CONFIG_SINK_REDIS && sink->tls)
+        return config_fail(&ld->error, sink_line(ld, index, "tls"),
+                           "%s.tls: the redis sink does not support TLS "
+                           "(the hiredis library it uses has no TLS); "
+                           "reach Redis over loopback or a TLS tunnel",
+                           prefix);
+    if (sink->kind == CONFIG_SINK_REDIS &&
+        sink->mode == CONFIG_REDIS_PUBSUB && sink->maxlen > 0)
+        return config_fail(&ld->error, sink_line(ld, index, "maxlen"),
+                           "%s.maxlen: applies only to mode: stream", prefix);
+    if (sink->password && sink->password_file)
+        return config_fail(&ld->error, sink_line(ld, index, "password_file"),
+                           "%s: set either password or password_file, not "
+                           "both",
+                           prefix);
+    if (sink->password_file)
+        return read_password_file(ld, sink->password_file, prefix,
+                                  sink_line(ld, index, "password_file"),
+                                  &sink->password);
+    return 0;
+}
+
+/* Checks that sinks[index] shares no file with an earlier sink: two file
+ * sinks in one folder, or two sinks with one dead-letter file, would write
+ * over each other's lines. */
+static int check_sink_files_unique(load_t *ld, size_t index)
+{
+    const config_sink_t *sink = &ld->cfg->sinks[index];
+
+    for (size_t j = 0; j < index; j++) {
+        const config_sink_t *other = &ld->cfg->sinks[j];
+
+        if (sink->path && other->path && strcmp(other->path, sink->path) == 0)
+            return config_fail(&ld->error, sink_line(ld, index, "path"),
+                               "sinks[%zu].path: %s is already the path of "
+                               "sinks[%zu]; give each sink its own folder",
+                               index, sink->path, j);
+        if (strcmp(other->dead_letter, sink->dead_letter) == 0)
+            return config_fail(&ld->error, sink_line(ld, index, "dead_letter"),
+                               "sinks[%zu].dead_letter: %s is already the "
+                               "dead-letter file of sinks[%zu]; give each "
+                               "sink its own",
+                               index, sink->dead_letter, j);
+    }
+    return 0;
+}
+
+static int finish_sink(load_t *ld, size_t index)
+{
+    config_sink_t *sink = &ld->cfg->sinks[index];
+    char prefix[32];
+    int rc;
+
+    snprintf(prefix, sizeof prefix, "sinks[%zu]", index);
+    rc = check_sink_keys(ld, index, prefix);
+    if (rc == 0)
+        rc = set_sink_defaults(ld, sink);
+    if (rc != 0)
+        return rc;
+    if (sink->retry_min_ms > sink->retry_max_ms)
+        return config_fail(&ld->error, sink_line(ld, index, "retry_min"),
+                           "%s.retry_min: must not be greater than retry_max",
+                           prefix);
+    if (sink->kind != CONFIG_SINK_FILE) {
+        rc = finish_broker_sink(ld, index, prefix);
+        if (rc != 0)
+            return rc;
+    }
+    return check_sink_files_unique(ld, index);
+}
+
 static int finish_sinks(load_t *ld)
 {
     config_t *cfg = ld->cfg;
@@ -1334,21 +1712,9 @@ static int finish_sinks(load_t *ld)
             return rc;
     }
     for (size_t i = 0; i < cfg->sink_count; i++) {
-        config_sink_t *sink = &cfg->sinks[i];
-
-        if (!sink->path) {
-            sink->path = join_path(cfg->data_dir, strlen(cfg->data_dir), "out");
-            if (!sink->path)
-                return config_fail_nomem(&ld->error);
-        }
-        /* Two file sinks in one folder would write over each other. */
-        for (size_t j = 0; j < i; j++) {
-            if (strcmp(cfg->sinks[j].path, sink->path) == 0)
-                return config_fail(&ld->error, ld->sinks_node->items[i]->line,
-                                   "sinks[%zu].path: %s is already the path of "
-                                   "sinks[%zu]; give each sink its own folder",
-                                   i, sink->path, j);
-        }
+        rc = finish_sink(ld, i);
+        if (rc != 0)
+            return rc;
     }
     return 0;
 }
@@ -1515,6 +1881,28 @@ static void free_bridge(config_bridge_t *b)
     free(b->feedback_topic);
 }
 
+static void free_sink(config_sink_t *sink)
+{
+    free(sink->name);
+    free(sink->dead_letter);
+    free(sink->path);
+    free(sink->address);
+    free(sink->topic);
+    free(sink->exchange);
+    free(sink->vhost);
+    free(sink->username);
+    if (sink->password)
+        explicit_bzero(sink->password, strlen(sink->password));
+    free(sink->password);
+    free(sink->password_file);
+    free(sink->tls_ca_file);
+    free(sink->tls_cert_file);
+    free(sink->tls_key_file);
+    free(sink->kafka_properties);
+    free(sink->client_id);
+    free(sink->stream);
+}
+
 void config_free(config_t *cfg)
 {
     if (!cfg)
@@ -1525,10 +1913,8 @@ void config_free(config_t *cfg)
         json_decref(cfg->device_types[i].schema);
     }
     free(cfg->device_types);
-    for (size_t i = 0; i < cfg->sink_count; i++) {
-        free(cfg->sinks[i].name);
-        free(cfg->sinks[i].path);
-    }
+    for (size_t i = 0; i < cfg->sink_count; i++)
+        free_sink(&cfg->sinks[i]);
     free(cfg->sinks);
     for (size_t i = 0; i < cfg->bridge_count; i++)
         free_bridge(&cfg->bridges[i]);

@@ -29,15 +29,67 @@ typedef struct config_device_type {
 
 enum config_sink_kind {
     CONFIG_SINK_FILE = 0,
+    CONFIG_SINK_KAFKA = 1,
+    CONFIG_SINK_REDIS = 2,
+    CONFIG_SINK_RABBITMQ = 3,
+    CONFIG_SINK_NATS = 4,
+    CONFIG_SINK_MQTT = 5,
 };
 
+enum config_redis_mode {
+    CONFIG_REDIS_STREAM = 0, /* XADD to a stream */
+    CONFIG_REDIS_PUBSUB = 1, /* PUBLISH to a channel: fire and forget */
+};
+
+enum config_compression {
+    CONFIG_COMPRESSION_NONE = 0,
+    CONFIG_COMPRESSION_GZIP = 1,
+    CONFIG_COMPRESSION_SNAPPY = 2,
+    CONFIG_COMPRESSION_LZ4 = 3,
+    CONFIG_COMPRESSION_ZSTD = 4,
+};
+
+/* One entry of the sinks sequence. Keys that do not apply to the sink's
+ * type keep their defaults and are ignored. See docs/sinks.md. */
 typedef struct config_sink {
     char *name; /* unique, names the sink's cursor and its metrics */
     enum config_sink_kind kind;
+    uint64_t batch_records; /* records read from the spool per batch */
+    uint64_t timeout_ms;    /* wait for the broker's acks of one batch */
+    uint64_t retry_min_ms;  /* backoff after a failed batch, doubling */
+    uint64_t retry_max_ms;
+    char *dead_letter; /* default <data_dir>/dead-letter/<name>.ndjson */
+
     char *path;           /* file sink: output folder */
     uint64_t rotate_size; /* file sink: start a new file past this size */
     int fsync;            /* file sink: fsync output before committing */
-    uint64_t batch_records; /* records read from the spool per batch */
+
+    /* Broker address; the default depends on the type (kafka: a comma
+     * list of bootstrap servers, nats: a nats:// URL, others host:port). */
+    char *address;
+    /* Template of the Kafka topic, Redis key or channel, RabbitMQ routing
+     * key, NATS subject or MQTT topic, with {device_id}, {device_type} and
+     * {protocol}. The default depends on the type. */
+    char *topic;
+    char *exchange; /* rabbitmq: exchange template, default "telemetry" */
+    char *vhost;    /* rabbitmq: default "/" */
+    enum config_redis_mode mode; /* redis */
+    uint64_t maxlen;             /* redis stream: XADD MAXLEN ~ N, 0 = none */
+    char *username;              /* NULL for none */
+    char *password;      /* NULL for none; from password or password_file */
+    char *password_file; /* read into password at load */
+    int tls;
+    char *tls_ca_file;
+    char *tls_cert_file;
+    char *tls_key_file;
+    enum config_compression compression; /* kafka */
+    uint64_t linger_ms;                  /* kafka */
+    char *kafka_properties; /* "k=v,k=v" passed to librdkafka, or NULL */
+    int qos;                /* mqtt: 0 or 1 */
+    char *client_id;        /* mqtt: default "ingestd-<name>" */
+    /* nats: JetStream stream to create if missing, capturing the subjects,
+     * or NULL when the stream must exist. */
+    char *stream;
 } config_sink_t;
 
 /* A connection to an existing MQTT broker that ingestd subscribes to, as a
@@ -127,6 +179,9 @@ typedef struct config {
     } spool;
 
     uint64_t shutdown_timeout_ms; /* drain time on SIGTERM */
+    /* After the listeners stopped, sinks keep delivering for up to this
+     * long, so a clean stop with healthy destinations empties the spool. */
+    uint64_t sinks_drain_timeout_ms;
 
     char *default_device_type;
     config_device_type_t *device_types;

@@ -132,8 +132,8 @@ done:
         close(fd);
 }
 
-static int file_open(const config_sink_t *cfg, void **state, char *err,
-                     size_t errlen)
+static int file_open(const config_sink_t *cfg, sink_ctx_t *ctx, void **state,
+                     char *err, size_t errlen)
 {
     file_sink_t *f;
 
@@ -169,6 +169,8 @@ static int file_open(const config_sink_t *cfg, void **state, char *err,
         return ING_ENOMEM;
     }
     repair_newest_file(f);
+    /* A local folder has no connection to lose. */
+    sink_set_connected(ctx, true);
     *state = f;
     return 0;
 }
@@ -284,7 +286,10 @@ static void undo_batch(file_sink_t *f, uint64_t before, int abandon)
         close_current(f);
 }
 
-static int file_deliver(void *state, const spool_record_t *recs, size_t n)
+/* Writes the batch whole or not at all, so every outcome is the same:
+ * OK, or a negative return for the runner to retry. */
+static int file_deliver(void *state, const spool_record_t *recs, size_t n,
+                        sink_outcome_t *out)
 {
     file_sink_t *f = state;
     char ebuf[128];
@@ -321,6 +326,8 @@ static int file_deliver(void *state, const spool_record_t *recs, size_t n)
         return ING_EIO;
     }
     f->file_size += len;
+    for (size_t i = 0; i < n; i++)
+        out[i].status = SINK_RECORD_OK;
     if (f->rotate_size > 0 && f->file_size >= f->rotate_size)
         close_current(f);
     return 0;

@@ -420,18 +420,25 @@ static void config_rejects_unknown_key(void **state)
     expect_error(fx, MINIMAL "lgo:\n  level: info\n",
                  "4: unknown key \"lgo\" (known keys: log, data_dir, "
                  "registry, http, admin, ws, mqtt, spool, shutdown_timeout, "
-                 "default_device_type, device_types, sinks, bridges)");
+                 "sinks_drain_timeout, default_device_type, device_types, "
+                 "sinks, bridges)");
     /* A dotted key at the top level is not a shortcut for a section. */
     expect_error(fx, MINIMAL "http.listen: 127.0.0.1:80\n",
                  "4: unknown key \"http.listen\" (known keys: log, data_dir, "
                  "registry, http, admin, ws, mqtt, spool, shutdown_timeout, "
-                 "default_device_type, device_types, sinks, bridges)");
+                 "sinks_drain_timeout, default_device_type, device_types, "
+                 "sinks, bridges)");
     expect_error(fx, MINIMAL "    shema: x.json\n",
                  "4: unknown key \"device_types.default.shema\" (known keys "
                  "in device_types.default: schema, schema_inline)");
     expect_error(fx, MINIMAL "sinks:\n  - name: a\n    rotate: 1MiB\n",
                  "6: unknown key \"sinks[0].rotate\" (known keys in sinks[0]: "
-                 "name, type, path, rotate_size, fsync, batch_records)");
+                 "name, type, batch_records, timeout, retry_min, retry_max, "
+                 "dead_letter, path, rotate_size, fsync, address, topic, "
+                 "exchange, vhost, mode, maxlen, username, password, "
+                 "password_file, tls, tls_ca_file, tls_cert_file, "
+                 "tls_key_file, compression, linger, kafka_properties, qos, "
+                 "client_id, stream)");
 }
 
 static void config_rejects_duplicate_key(void **state)
@@ -762,8 +769,8 @@ static void config_sink_errors(void **state)
         {"sinks:\n  name: a\n",
          "5: sinks: expected a sequence of sink mappings, got a mapping"},
         {"sinks:\n  - a\n",
-         "5: sinks[0]: expected a mapping with keys name, type, path, "
-         "rotate_size, fsync, batch_records, got a scalar"},
+         "5: sinks[0]: expected a mapping with keys such as name and type, "
+         "got a scalar"},
         {"sinks:\n  - type: file\n",
          "5: sinks[0]: missing required key \"name\""},
         {"sinks:\n  - name: a\n  - name: b\n  - name: a\n    path: x\n",
@@ -778,8 +785,9 @@ static void config_sink_errors(void **state)
          "0-9, '_' and '-', got "
          "\"a12345678901234567890123456789012345678901234567890123456789..."
          "\""},
-        {"sinks:\n  - name: a\n    type: kafka\n",
-         "6: sinks[0].type: expected one of file, got \"kafka\""},
+        {"sinks:\n  - name: a\n    type: kafak\n",
+         "6: sinks[0].type: expected one of file, kafka, redis, rabbitmq, "
+         "nats, mqtt, got \"kafak\""},
         {"sinks:\n  - name: a\n    batch_records: 0\n",
          "6: sinks[0].batch_records: expected an integer from 1 to 100000, "
          "got \"0\""},
@@ -807,6 +815,186 @@ static void config_sink_paths_must_differ(void **state)
         "give each sink its own folder",
         fx->dir);
     expect_error(fx, MINIMAL "sinks:\n  - name: a\n  - name: b\n", message);
+}
+
+static void config_sink_type_defaults(void **state)
+{
+    static const struct {
+        enum config_sink_kind kind;
+        const char *address;
+        const char *topic;
+    } expected[] = {
+        {CONFIG_SINK_KAFKA, "127.0.0.1:9092", "telemetry.{device_type}"},
+        {CONFIG_SINK_REDIS, "127.0.0.1:6379", "telemetry:{device_type}"},
+        {CONFIG_SINK_RABBITMQ, "127.0.0.1:5672", "{device_type}.{device_id}"},
+        {CONFIG_SINK_NATS, "nats://127.0.0.1:4222",
+         "telemetry.{device_type}.{device_id}"},
+        {CONFIG_SINK_MQTT, "127.0.0.1:1883",
+         "telemetry/{device_type}/{device_id}"},
+    };
+    fixture_t *fx = *state;
+    const config_sink_t *sinks;
+
+    expect_loaded(fx, MINIMAL "sinks:\n"
+                              "  - {name: k, type: kafka}\n"
+                              "  - {name: r, type: redis}\n"
+                              "  - {name: q, type: rabbitmq}\n"
+                              "  - {name: n, type: nats}\n"
+                              "  - {name: m, type: mqtt}\n");
+    assert_int_equal(fx->cfg->sink_count, 5);
+    sinks = fx->cfg->sinks;
+    for (size_t i = 0; i < 5; i++) {
+        assert_int_equal(sinks[i].kind, expected[i].kind);
+        assert_string_equal(sinks[i].address, expected[i].address);
+        assert_string_equal(sinks[i].topic, expected[i].topic);
+        assert_null(sinks[i].path);
+        assert_int_equal(sinks[i].batch_records, 512);
+        assert_int_equal(sinks[i].timeout_ms, 30000);
+        assert_int_equal(sinks[i].retry_min_ms, 100);
+        assert_int_equal(sinks[i].retry_max_ms, 30000);
+        assert_int_equal(sinks[i].tls, 0);
+        assert_null(sinks[i].password);
+    }
+    assert_string_equal(sinks[0].dead_letter,
+                        path_in(fx, "data/dead-letter/k.ndjson"));
+    assert_int_equal(sinks[0].compression, CONFIG_COMPRESSION_NONE);
+    assert_int_equal(sinks[0].linger_ms, 5);
+    assert_null(sinks[0].kafka_properties);
+    assert_int_equal(sinks[1].mode, CONFIG_REDIS_STREAM);
+    assert_int_equal(sinks[1].maxlen, 0);
+    assert_string_equal(sinks[2].exchange, "telemetry");
+    assert_string_equal(sinks[2].vhost, "/");
+    assert_null(sinks[3].stream);
+    assert_int_equal(sinks[4].qos, 1);
+    assert_string_equal(sinks[4].client_id, "ingestd-m");
+    assert_int_equal(fx->cfg->sinks_drain_timeout_ms, 5000);
+}
+
+static void config_sink_broker_keys(void **state)
+{
+    fixture_t *fx = *state;
+    const config_sink_t *sink;
+
+    write_file(fx->dir, "redis.pass", "s3cret\n");
+    expect_loaded(fx, MINIMAL "sinks_drain_timeout: 2s\n"
+                              "sinks:\n"
+                              "  - name: cache\n"
+                              "    type: redis\n"
+                              "    address: localhost:6380\n"
+                              "    topic: \"t:{protocol}:{device_id}\"\n"
+                              "    mode: pubsub\n"
+                              "    username: ingest\n"
+                              "    password_file: redis.pass\n"
+                              "    timeout: 2s\n"
+                              "    retry_min: 10ms\n"
+                              "    retry_max: 1s\n"
+                              "    dead_letter: rejected.ndjson\n"
+                              "  - name: k\n"
+                              "    type: kafka\n"
+                              "    address: \"10.0.0.1:9092,10.0.0.2:9092\"\n"
+                              "    compression: zstd\n"
+                              "    linger: 20ms\n"
+                              "    kafka_properties: "
+                              "\"security.protocol=SASL_SSL\"\n");
+    assert_int_equal(fx->cfg->sinks_drain_timeout_ms, 2000);
+    sink = &fx->cfg->sinks[0];
+    assert_string_equal(sink->address, "localhost:6380");
+    assert_string_equal(sink->topic, "t:{protocol}:{device_id}");
+    assert_int_equal(sink->mode, CONFIG_REDIS_PUBSUB);
+    assert_string_equal(sink->username, "ingest");
+    assert_string_equal(sink->password, "s3cret");
+    assert_int_equal(sink->timeout_ms, 2000);
+    assert_int_equal(sink->retry_min_ms, 10);
+    assert_int_equal(sink->retry_max_ms, 1000);
+    assert_string_equal(sink->dead_letter, path_in(fx, "rejected.ndjson"));
+    sink = &fx->cfg->sinks[1];
+    assert_string_equal(sink->address, "10.0.0.1:9092,10.0.0.2:9092");
+    assert_int_equal(sink->compression, CONFIG_COMPRESSION_ZSTD);
+    assert_int_equal(sink->linger_ms, 20);
+    assert_string_equal(sink->kafka_properties, "security.protocol=SASL_SSL");
+}
+
+static void config_sink_broker_errors(void **state)
+{
+    static const struct {
+        const char *yaml;
+        const char *message;
+    } cases[] = {
+        {"sinks:\n  - name: a\n    type: redis\n    topic: \"t:{device}\"\n",
+         "7: sinks[0].topic: unknown placeholder {device}; use {device_id}, "
+         "{device_type} or {protocol} in \"t:{device}\""},
+        {"sinks:\n  - name: a\n    type: kafka\n    topic: \"t.{device_id\"\n",
+         "7: sinks[0].topic: '{' at offset 2 has no closing '}' in "
+         "\"t.{device_id\""},
+        {"sinks:\n  - name: a\n    type: nats\n    topic: \"t.}\"\n",
+         "7: sinks[0].topic: '}' without '{' at offset 2 in \"t.}\""},
+        {"sinks:\n  - name: a\n    type: rabbitmq\n"
+         "    exchange: \"x.{nope}\"\n",
+         "7: sinks[0].exchange: unknown placeholder {nope}; use {device_id}, "
+         "{device_type} or {protocol} in \"x.{nope}\""},
+        {"sinks:\n  - name: a\n    type: redis\n    tls: true\n",
+         "7: sinks[0].tls: the redis sink does not support TLS (the hiredis "
+         "library it uses has no TLS); reach Redis over loopback or a TLS "
+         "tunnel"},
+        {"sinks:\n  - name: a\n    type: redis\n    mode: pubsub\n"
+         "    maxlen: 10\n",
+         "8: sinks[0].maxlen: applies only to mode: stream"},
+        {"sinks:\n  - name: a\n    type: redis\n    password: x\n"
+         "    password_file: p\n",
+         "8: sinks[0]: set either password or password_file, not both"},
+        {"sinks:\n  - name: a\n    type: redis\n    address: localhost\n",
+         "7: sinks[0].address: expected host:port such as 127.0.0.1:6379, "
+         "got \"localhost\""},
+        {"sinks:\n  - name: a\n    type: redis\n    address: \"a:1,b:2\"\n",
+         "7: sinks[0].address: expected host:port such as 127.0.0.1:6379, "
+         "got \"a:1,b:2\""},
+        {"sinks:\n  - name: a\n    type: kafka\n    address: \"a:1,b\"\n",
+         "7: sinks[0].address: expected host:port or a comma-separated list "
+         "of them, such as 127.0.0.1:9092, got \"a:1,b\""},
+        {"sinks:\n  - name: a\n    type: nats\n    address: \"1.2.3.4:4222\"\n",
+         "7: sinks[0].address: expected a URL such as nats://127.0.0.1:4222, "
+         "got \"1.2.3.4:4222\""},
+        {"sinks:\n  - name: a\n    type: mqtt\n    address: \"h:70000\"\n",
+         "7: sinks[0].address: expected host:port such as 127.0.0.1:6379, "
+         "got \"h:70000\""},
+        {"sinks:\n  - name: a\n    type: redis\n    path: /tmp/x\n",
+         "7: sinks[0].path: does not apply to a sink of type redis; remove "
+         "it"},
+        {"sinks:\n  - name: a\n    topic: x\n",
+         "6: sinks[0].topic: does not apply to a sink of type file; remove "
+         "it"},
+        {"sinks:\n  - name: a\n    type: kafka\n    qos: 1\n",
+         "7: sinks[0].qos: does not apply to a sink of type kafka; remove "
+         "it"},
+        {"sinks:\n  - name: a\n    type: kafka\n    retry_min: 2s\n"
+         "    retry_max: 1s\n",
+         "7: sinks[0].retry_min: must not be greater than retry_max"},
+        {"sinks:\n  - name: a\n    type: mqtt\n    tls_cert_file: c.pem\n"
+         "    tls: true\n",
+         "7: sinks[0]: set both tls_cert_file and tls_key_file, or neither"},
+        {"sinks:\n  - name: a\n    type: mqtt\n    tls_ca_file: ca.pem\n",
+         "5: sinks[0]: tls_ca_file, tls_cert_file and tls_key_file need "
+         "tls: true"},
+        {"sinks:\n  - name: a\n    type: mqtt\n    qos: 2\n",
+         "7: sinks[0].qos: expected an integer from 0 to 1, got \"2\""},
+        {"sinks:\n  - name: a\n    type: kafka\n    compression: brotli\n",
+         "7: sinks[0].compression: expected one of none, gzip, snappy, lz4, "
+         "zstd, got \"brotli\""},
+        {"sinks:\n  - name: a\n    type: redis\n    mode: list\n",
+         "7: sinks[0].mode: expected one of stream, pubsub, got \"list\""},
+        {"sinks:\n  - name: a\n    type: redis\n  - name: b\n"
+         "    type: redis\n    dead_letter: data/dead-letter/a.ndjson\n",
+         "9: sinks[1].dead_letter: %s/data/dead-letter/a.ndjson is already "
+         "the dead-letter file of sinks[0]; give each sink its own"},
+    };
+    fixture_t *fx = *state;
+    char yaml[512], message[512];
+
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        format_text(yaml, sizeof yaml, MINIMAL "%s", cases[i].yaml);
+        format_text(message, sizeof message, cases[i].message, fx->dir);
+        expect_error(fx, yaml, message);
+    }
 }
 
 static void config_bridges(void **state)
@@ -1077,6 +1265,12 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(config_sinks, setup, teardown),
         cmocka_unit_test_setup_teardown(config_sink_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(config_sink_type_defaults, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(config_sink_broker_keys, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(config_sink_broker_errors, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(config_sink_paths_must_differ, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(config_bridges, setup, teardown),

@@ -90,7 +90,7 @@ static void *open_sink(const config_sink_t *cfg)
 {
     char err[256] = "";
     void *state = NULL;
-    int rc = sink_file_ops.open(cfg, &state, err, sizeof(err));
+    int rc = sink_file_ops.open(cfg, NULL, &state, err, sizeof(err));
 
     if (rc != 0)
         print_error("open: %s\n", err);
@@ -106,7 +106,15 @@ static int deliver_strings(void *state, const char *const *texts, size_t n)
     assert_true(n <= 16);
     for (size_t i = 0; i < n; i++)
         recs[i] = (spool_record_t){.data = texts[i], .len = strlen(texts[i])};
-    return sink_file_ops.deliver(state, recs, n);
+    sink_outcome_t out[16];
+    int rc;
+
+    for (size_t i = 0; i < n; i++)
+        out[i].status = SINK_RECORD_RETRY;
+    rc = sink_file_ops.deliver(state, recs, n, out);
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        assert_int_equal(out[i].status, SINK_RECORD_OK);
+    return rc;
 }
 
 static void sink_file_writes_lines(void **state)
@@ -255,7 +263,7 @@ static void sink_file_requires_path(void **state)
     char err[256] = "";
     void *sink = NULL;
 
-    assert_int_equal(sink_file_ops.open(&cfg, &sink, err, sizeof(err)),
+    assert_int_equal(sink_file_ops.open(&cfg, NULL, &sink, err, sizeof(err)),
                      ING_ECONFIG);
     assert_non_null(strstr(err, "path"));
     assert_string_equal(sink_file_ops.kind, "file");

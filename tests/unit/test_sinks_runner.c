@@ -95,6 +95,7 @@ static void sinks_file_delivers_and_commits(void **state)
         .rotate_size = 0,
         .fsync = 1,
         .batch_records = 7,
+        .dead_letter = "/nonexistent/dead-letter.ndjson",
     };
     config_t cfg = {.sinks = &sc, .sink_count = 1};
     char err[256] = "";
@@ -159,14 +160,15 @@ typedef struct flaky_sink {
 
 static flaky_sink_t flaky;
 
-static int flaky_open(const config_sink_t *cfg, void **state, char *err,
-                      size_t errlen)
+static int flaky_open(const config_sink_t *cfg, sink_ctx_t *ctx, void **state,
+                      char *err, size_t errlen)
 {
     *state = &flaky;
     return 0;
 }
 
-static int flaky_deliver(void *state, const spool_record_t *recs, size_t n)
+static int flaky_deliver(void *state, const spool_record_t *recs, size_t n,
+                         sink_outcome_t *out)
 {
     flaky_sink_t *f = state;
     int rc = 0;
@@ -190,6 +192,7 @@ static int flaky_deliver(void *state, const spool_record_t *recs, size_t n)
             if (v != f->next_expected)
                 f->out_of_order++;
             f->next_expected = v + 1;
+            out[i].status = SINK_RECORD_OK;
         }
         f->delivered += (int)n;
     }
@@ -214,7 +217,11 @@ static void sinks_retry_after_failed_deliver(void **state)
 {
     const char *base = make_temp_dir();
     config_sink_t sc = {
-        .name = "flaky", .kind = CONFIG_SINK_FILE, .batch_records = 4};
+        .name = "flaky",
+        .kind = CONFIG_SINK_FILE,
+        .batch_records = 4,
+        .dead_letter = "/nonexistent/dead-letter.ndjson",
+    };
     config_t cfg = {.sinks = &sc, .sink_count = 1};
     const sink_ops_t *ops[] = {&flaky_ops};
     sinks_backoff_t backoff = {.initial_ms = 1, .max_ms = 4};
@@ -274,7 +281,9 @@ static void sinks_retry_after_failed_deliver(void **state)
 static void sinks_healthy_after_recovery(void **state)
 {
     const char *base = make_temp_dir();
-    config_sink_t sc = {.name = "flaky", .kind = CONFIG_SINK_FILE};
+    config_sink_t sc = {.name = "flaky",
+                        .kind = CONFIG_SINK_FILE,
+                        .dead_letter = "/nonexistent/dead-letter.ndjson"};
     config_t cfg = {.sinks = &sc, .sink_count = 1};
     const sink_ops_t *ops[] = {&flaky_ops};
     sinks_backoff_t backoff = {.initial_ms = 1, .max_ms = 2};
@@ -335,7 +344,11 @@ static void sinks_stop_idle_runner(void **state)
     const char *base = make_temp_dir();
     char out_dir[256];
     config_sink_t sc = {
-        .name = "idle", .kind = CONFIG_SINK_FILE, .path = out_dir};
+        .name = "idle",
+        .kind = CONFIG_SINK_FILE,
+        .path = out_dir,
+        .dead_letter = "/nonexistent/dead-letter.ndjson",
+    };
     config_t cfg = {.sinks = &sc, .sink_count = 1};
     char err[256] = "";
     sinks_t *sinks = NULL;
