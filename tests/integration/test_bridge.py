@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+import requests
 
 from conftest import (Server, add_device, binary, finish, free_port,
                       run_cli, stop, wait_ready, write_config)
@@ -120,22 +121,24 @@ def bridge_yaml(broker_port, **options):
 
 
 def start_bridge_server(folder, broker_port, devices=("dev-1", "dev-2"),
-                        disabled=("dev-off",), **options):
+                        disabled=("dev-off",), spool=None, sink=None,
+                        **options):
     """Start ingestd with a bridge to the broker; return a Server."""
     folder.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
-    config = write_config(folder, port, admin_port)
+    config = write_config(folder, port, admin_port, spool=spool, sink=sink)
     text = config.read_text()
     # The bridge is the only MQTT in these tests: keep ingestd's own MQTT
     # listener, if this build has one, off the default port.
     if "\nmqtt:" not in text:
         text += "mqtt:\n  listen: \"\"\n"
     config.write_text(text + bridge_yaml(broker_port, **options))
-    for d in (*devices, *disabled):
-        add_device(d, config)
+    keys = {d: add_device(d, config) for d in (*devices, *disabled)}
     for d in disabled:
         run_cli("device", "disable", d, config=config)
-    return launch(folder, config, port, admin_port)
+    server = launch(folder, config, port, admin_port)
+    server.keys = keys
+    return server
 
 
 def launch(folder, config, port, admin_port):
@@ -194,7 +197,9 @@ def reading(seq, value=None):
 
 
 def test_bridge_stores_readings(broker, tmp_path):
-    server = start_bridge_server(tmp_path / "ingestd", broker.port)
+    server = start_bridge_server(
+        tmp_path / "ingestd", broker.port,
+        topics="devices/{device_id}/data, legacy/{device_id}")
     try:
         wait_connected(server)
         broker.publish("devices/dev-1/data", reading(1), qos=1,
@@ -207,20 +212,22 @@ def test_bridge_stores_readings(broker, tmp_path):
                        version="mqttv311")
         batch = json.dumps([json.loads(reading(5)), json.loads(reading(6))])
         broker.publish("devices/dev-1/data", batch)
+        broker.publish("legacy/dev-2", reading(7))
 
         records = wait_until(
-            lambda: (r := server.output_records()) and len(r) >= 6 and r,
-            "six readings in the output")
+            lambda: (r := server.output_records()) and len(r) >= 7 and r,
+            "seven readings in the output")
         by_seq = {r["payload"]["seq"]: r for r in records}
-        assert sorted(by_seq) == [1, 2, 3, 4, 5, 6]
+        assert sorted(by_seq) == [1, 2, 3, 4, 5, 6, 7]
         for seq, device in [(1, "dev-1"), (2, "dev-2"), (3, "dev-1"),
-                            (4, "dev-2"), (5, "dev-1"), (6, "dev-1")]:
+                            (4, "dev-2"), (5, "dev-1"), (6, "dev-1"),
+                            (7, "dev-2")]:
             assert by_seq[seq]["device_id"] == device
             assert by_seq[seq]["protocol"] == "mqtt-bridge"
             assert by_seq[seq]["device_type"] == "default"
             assert by_seq[seq]["content_type"] == "application/json"
         assert metric(server, "ingestd_bridge_messages_total",
-                      bridge="main", result="stored") == 5
+                      bridge="main", result="stored") == 6
         assert metric(server, "ingestd_bridge_received_bytes_total",
                       bridge="main") > 0
     finally:
@@ -312,6 +319,42 @@ def test_bridge_reconnects_after_broker_restart(broker, tmp_path):
         log = server.log.read_text()
         assert 'msg="bridge lost its broker connection"' in log
         assert log.count('msg="bridge connected and subscribed"') >= 2
+    finally:
+        finish(server)
+
+
+def test_bridge_holds_message_while_spool_full(broker, tmp_path):
+    # NOTE: like the HTTP spool-full test, this relies on the sink, which
+    # syncs every record on its own, falling behind HTTP batches that the
+    # spool syncs whole, so that the 128 KiB spool fills for a moment.
+    server = start_bridge_server(
+        tmp_path / "ingestd", broker.port,
+        spool={"max_size": "128KiB", "segment_size": "64KiB"},
+        sink={"fsync": "true", "batch_records": 1})
+    try:
+        wait_connected(server)
+        batch = json.dumps([{"sensor_value": 1, "pad": "z" * 300}] * 20)
+        headers = {"Content-Type": "application/json",
+                   "Authorization": f"Bearer {server.keys['dev-2']}"}
+        status = None
+        with requests.Session() as session:
+            for _ in range(300):
+                status = session.post(server.base_url + "/v1/data",
+                                      data=batch, headers=headers,
+                                      timeout=10).status_code
+                if status != 202:
+                    break
+        assert status == 503, f"the spool did not fill: {status}"
+        broker.publish("devices/dev-1/data", reading(1))
+
+        wait_until(lambda: 1 in seqs_of(server.output_records()),
+                   "the held message once the sink freed the spool")
+        assert metric(server, "ingestd_bridge_store_retries_total",
+                      bridge="main") >= 1
+        assert metric(server, "ingestd_bridge_messages_total",
+                      bridge="main", result="stored") == 1
+        assert 'msg="bridge message not stored; holding it unacknowledged"' \
+            in server.log.read_text()
     finally:
         finish(server)
 
