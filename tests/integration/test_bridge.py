@@ -160,7 +160,7 @@ def launch(folder, config, port, admin_port):
     return server
 
 
-def wait_until(condition, what, timeout_s=WAIT_TIMEOUT_S):
+def wait_until(condition, description, timeout_s=WAIT_TIMEOUT_S):
     """Poll `condition` until it returns a true value; return that."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -168,14 +168,14 @@ def wait_until(condition, what, timeout_s=WAIT_TIMEOUT_S):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s: {what}")
+            raise AssertionError(f"timed out after {timeout_s} s: {description}")
         time.sleep(0.05)
 
 
 def metric(server, name, **labels):
     """Return the value of one series from /metrics, or None."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.compile(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} "
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.compile(rf"^{re.escape(name)}\{{{re.escape(label_text)}\}} "
                          r"(\S+)$", re.M)
     match = pattern.search(server.metrics())
     return float(match.group(1)) if match else None
