@@ -31,6 +31,7 @@
 /* Sink implementations by config kind. A new broker adds its ops here. */
 static const sink_ops_t *const sink_kinds[] = {
     [CONFIG_SINK_FILE] = &sink_file_ops,
+    [CONFIG_SINK_REDIS] = &sink_redis_ops,
 };
 
 /* Used when a sink's config leaves retry_min or retry_max at 0, which
