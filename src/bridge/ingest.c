@@ -150,6 +150,11 @@ static int parse_payload(bridge_t *b, bridge_job_t *job, json_t **out)
         return reject(b, job, BRIDGE_TOO_LARGE, "body_too_large", message,
                       NULL);
     }
+    if (job->len == 0)
+        return reject(b, job, BRIDGE_INVALID, "empty_body",
+                      "the message is empty; publish one reading or an "
+                      "array of readings",
+                      NULL);
     doc = json_loadb(job->payload, job->len, JSON_REJECT_DUPLICATES, &error);
     if (doc == NULL) {
         snprintf(message, sizeof(message),

@@ -251,6 +251,7 @@ def test_bridge_rejects_and_acknowledges_bad_messages(broker, tmp_path):
         time.sleep(0.3)
         broker.publish("devices/dev-1/data", reading(1, value=SCHEMA_MAX + 20))
         broker.publish("devices/dev-1/data", "not json")
+        broker.publish("devices/dev-2/data", "")
         broker.publish("devices/nobody/data", reading(2))
         broker.publish("devices/dev-off/data", reading(3))
         broker.publish("devices/dev-1/data",
@@ -264,7 +265,7 @@ def test_bridge_rejects_and_acknowledges_bad_messages(broker, tmp_path):
         out, err = feedback.communicate(timeout=20)
 
         assert seqs_of(server.output_records()) == [5]
-        expected = {"invalid": 1, "invalid_json": 1, "unknown_device": 1,
+        expected = {"invalid": 2, "invalid_json": 1, "unknown_device": 1,
                     "device_disabled": 1, "forbidden": 1, "stored": 1}
         for result, count in expected.items():
             assert metric(server, "ingestd_bridge_messages_total",
