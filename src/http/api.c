@@ -395,6 +395,7 @@ static void api_handle(http_conn_t *c, http_request_t *r)
 const http_route_t http_api_routes[] = {
     {"/v1/data", "POST", api_check, api_handle},
     {"/v1/ws", "GET", http_ws_check, http_ws_handle},
+    {"/mqtt", "GET", http_mqtt_check, http_mqtt_handle},
 };
 const size_t http_api_route_count =
     sizeof(http_api_routes) / sizeof(http_api_routes[0]);

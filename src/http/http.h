@@ -19,8 +19,9 @@
 
 typedef struct http_listener http_listener_t;
 
-/* Starts the device API (POST /v1/data, and GET /v1/ws for WebSocket
- * clients) on `loop`, listening on cfg->http.listen. Returns 0, or a negative ing_error with a message
+/* Starts the device API (POST /v1/data, GET /v1/ws for WebSocket clients
+ * and GET /mqtt for MQTT over WebSocket) on `loop`, listening on
+ * cfg->http.listen. Returns 0, or a negative ing_error with a message
  * such as "listen 127.0.0.1:8080: address already in use" in `err`. */
 int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
                    pipeline_loop_t *pl, http_listener_t **out, char *err,

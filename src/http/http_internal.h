@@ -142,6 +142,7 @@ enum http_conn_state {
 #define HTTP_KEY_MAX 128
 #define HTTP_WS_KEY_MAX 64
 #define HTTP_WS_VERSION_MAX 16
+#define HTTP_WS_PROTOCOLS_MAX 256
 
 /* What the opening handshake of a WebSocket upgrade sent (upgrade.c). */
 typedef struct http_ws_headers {
@@ -153,6 +154,10 @@ typedef struct http_ws_headers {
     int key_count;          /* Sec-WebSocket-Key headers seen */
     int key_overflow;
     char key[HTTP_WS_KEY_MAX + 1];
+    int protocol_count;     /* Sec-WebSocket-Protocol headers seen */
+    int protocols_overflow; /* the lists did not fit in `protocols` */
+    char protocols[HTTP_WS_PROTOCOLS_MAX + 1]; /* every list, joined */
+    const char *protocol;   /* the selected subprotocol (static), or NULL */
 } http_ws_headers_t;
 
 struct http_request {
@@ -203,6 +208,7 @@ struct http_listener {
     pipeline_loop_t *pl;
     http_admin_hooks_t hooks;
     ws_ingest_config_t ws; /* settings of GET /v1/ws sessions (API) */
+    ws_options_t mqtt_ws;  /* settings of GET /mqtt connections (API) */
     http_conn_t *conns; /* doubly linked list of open connections */
     size_t conn_count;  /* open connections, including turned-away ones */
     size_t served;      /* connections counted against max_connections */
@@ -309,6 +315,12 @@ void http_ws_use_header(http_request_t *r);
 /* GET /v1/ws: checks the opening handshake and responds to it. */
 void http_ws_check(http_conn_t *c, http_request_t *r);
 void http_ws_handle(http_conn_t *c, http_request_t *r);
+
+/* GET /mqtt: checks the opening handshake and the subprotocol ("mqtt" or
+ * "mqttv3.1"), responds to it, and hands the connection to an MQTT
+ * session of the loop's MQTT context. */
+void http_mqtt_check(http_conn_t *c, http_request_t *r);
+void http_mqtt_handle(http_conn_t *c, http_request_t *r);
 
 /* Queued output past HIGH makes the connection stop parsing requests
  * until its writes drain below LOW, so that a client that sends without

@@ -284,7 +284,7 @@ int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
     };
     l->routes = http_api_routes;
     l->route_count = http_api_route_count;
-    l->endpoints = "POST /v1/data and GET /v1/ws";
+    l->endpoints = "POST /v1/data, GET /v1/ws and GET /mqtt";
     l->auth = auth;
     l->pl = pl;
     l->ws = (ws_ingest_config_t){
@@ -300,6 +300,18 @@ int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
         .max_readings = cfg->http.max_readings_per_request,
         .retry_after_s = cfg->http.retry_after_s,
     };
+    /* A WebSocket message may carry one whole MQTT packet, or several
+     * packets up to ws.max_message_size. The MQTT keep alive takes the
+     * place of WebSocket pings and the idle timeout, as on the MQTT TCP
+     * listener, and paho-mqtt 1.6.1 answers pings with an unmasked pong,
+     * which the server must reject as a protocol error. */
+    l->mqtt_ws = (ws_options_t){
+        .max_message_size = cfg->ws.max_message_size,
+        .idle_timeout_ms = 0,
+        .ping_interval_ms = 0,
+    };
+    if (cfg->mqtt.max_packet_size > l->mqtt_ws.max_message_size)
+        l->mqtt_ws.max_message_size = cfg->mqtt.max_packet_size;
     rc = start(loop, cfg->http.listen, l, err, errlen);
     if (rc != 0) {
         listener_unref(l);

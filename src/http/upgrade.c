@@ -1,5 +1,5 @@
-/* GET /v1/ws: the WebSocket opening handshake (RFC 6455 section 4.2) and
- * the handover of the connection to the ws module.
+/* GET /v1/ws and GET /mqtt: the WebSocket opening handshake (RFC 6455
+ * section 4.2) and the handover of the connection to the ws module.
  *
  * A valid handshake gets a 101 response and the connection becomes a byte
  * stream under a ws connection. The API key is checked here when the
@@ -7,6 +7,10 @@
  * authenticates with its first message, because a browser's WebSocket API
  * cannot set request headers. A key in the URL is rejected, because URLs
  * end up in proxy and access logs.
+ *
+ * GET /mqtt carries MQTT and needs the subprotocol "mqtt" (or "mqttv3.1");
+ * its clients authenticate with the CONNECT packet, so a key in a header
+ * is not checked there.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,8 +31,8 @@ static int is_ows(char ch)
 }
 
 /* Returns 1 if the comma-separated `value` contains `token`, compared
- * without case. */
-static int has_token(const char *value, const char *token)
+ * without case when `ignore_case` is set. */
+static int has_token(const char *value, const char *token, int ignore_case)
 {
     size_t token_len = strlen(token);
     const char *p = value;
@@ -40,7 +44,8 @@ static int has_token(const char *value, const char *token)
         n = strcspn(p, ",");
         while (n > 0 && is_ows(p[n - 1]))
             n--;
-        if (n == token_len && strncasecmp(p, token, n) == 0)
+        if (n == token_len && (ignore_case ? strncasecmp(p, token, n)
+                                           : strncmp(p, token, n)) == 0)
             return 1;
         p += strcspn(p, ",");
     }
@@ -65,6 +70,20 @@ static int copy_trimmed(char *dst, size_t cap, const char *value)
     return 0;
 }
 
+/* Appends a Sec-WebSocket-Protocol list to the ones seen before, since
+ * a client may send the header more than once. */
+static void add_protocols(http_ws_headers_t *w, const char *value)
+{
+    size_t used = strlen(w->protocols);
+    int n;
+
+    w->protocol_count++;
+    n = snprintf(w->protocols + used, sizeof(w->protocols) - used, "%s%s",
+                 used > 0 ? "," : "", value);
+    if (n < 0 || (size_t)n >= sizeof(w->protocols) - used)
+        w->protocols_overflow = 1;
+}
+
 void http_ws_use_header(http_request_t *r)
 {
     http_ws_headers_t *w = &r->ws;
@@ -73,12 +92,17 @@ void http_ws_use_header(http_request_t *r)
         w->has_host = 1;
         return;
     }
+    if (strcasecmp(r->field, "sec-websocket-protocol") == 0) {
+        add_protocols(w, r->value_overflow ? "" : r->value);
+        w->protocols_overflow |= r->value_overflow;
+        return;
+    }
     if (r->value_overflow)
         return;
     if (strcasecmp(r->field, "upgrade") == 0) {
-        w->upgrade_websocket |= has_token(r->value, "websocket");
+        w->upgrade_websocket |= has_token(r->value, "websocket", 1);
     } else if (strcasecmp(r->field, "connection") == 0) {
-        w->connection_upgrade |= has_token(r->value, "upgrade");
+        w->connection_upgrade |= has_token(r->value, "upgrade", 1);
     } else if (strcasecmp(r->field, "sec-websocket-version") == 0) {
         w->version_count++;
         if (copy_trimmed(w->version, sizeof(w->version), r->value) != 0)
@@ -218,12 +242,27 @@ static int key_ok(http_conn_t *c, http_request_t *r)
     return 1;
 }
 
+/* Rejects the upgrade with 503 while the listener drains. Returns 1 when
+ * the upgrade may go on. */
+static int not_draining(http_conn_t *c)
+{
+    http_listener_t *l = c->listener;
+    char headers[64];
+
+    if (!l->draining)
+        return 1;
+    snprintf(headers, sizeof(headers), "Retry-After: %llu\r\n",
+             (unsigned long long)l->limits.retry_after_s);
+    reject(c, 503, "shutting_down",
+           "the server is shutting down; retry after the Retry-After delay",
+           headers);
+    return 0;
+}
+
 void http_ws_check(http_conn_t *c, http_request_t *r)
 {
     const char *param = key_in_url(r->url);
-    http_listener_t *l = c->listener;
     char message[320];
-    char headers[64];
 
     if (param != NULL) {
         snprintf(message, sizeof(message),
@@ -238,13 +277,55 @@ void http_ws_check(http_conn_t *c, http_request_t *r)
     }
     if (!handshake_ok(c, r) || !key_ok(c, r))
         return;
-    if (l->draining) {
-        snprintf(headers, sizeof(headers), "Retry-After: %llu\r\n",
-                 (unsigned long long)l->limits.retry_after_s);
-        reject(c, 503, "shutting_down",
-               "the server is shutting down; retry after the Retry-After "
-               "delay",
-               headers);
+    not_draining(c);
+}
+
+/* Selects the MQTT subprotocol from what the client offered, preferring
+ * "mqtt". Returns 1 when one was selected. */
+static int mqtt_protocol_ok(http_conn_t *c, http_request_t *r)
+{
+    http_ws_headers_t *w = &r->ws;
+
+    if (w->protocol_count == 0) {
+        reject(c, 400, "unsupported_subprotocol",
+               "the Sec-WebSocket-Protocol header is missing; MQTT over "
+               "WebSocket needs \"Sec-WebSocket-Protocol: mqtt\"",
+               NULL);
+        return 0;
+    }
+    if (w->protocols_overflow) {
+        reject(c, 400, "unsupported_subprotocol",
+               "the Sec-WebSocket-Protocol list is too long; send "
+               "\"Sec-WebSocket-Protocol: mqtt\"",
+               NULL);
+        return 0;
+    }
+    if (has_token(w->protocols, WS_MQTT_SUBPROTOCOL, 0))
+        w->protocol = WS_MQTT_SUBPROTOCOL;
+    else if (has_token(w->protocols, WS_MQTT_SUBPROTOCOL_V31, 0))
+        w->protocol = WS_MQTT_SUBPROTOCOL_V31;
+    if (w->protocol == NULL) {
+        reject(c, 400, "unsupported_subprotocol",
+               "Sec-WebSocket-Protocol offers no supported subprotocol; "
+               "send \"mqtt\" for MQTT 3.1.1 and 5.0 (\"mqttv3.1\" is "
+               "accepted for old clients)",
+               NULL);
+        return 0;
+    }
+    return 1;
+}
+
+void http_mqtt_check(http_conn_t *c, http_request_t *r)
+{
+    if (!handshake_ok(c, r) || !mqtt_protocol_ok(c, r) || !not_draining(c))
+        return;
+    if (!ws_mqtt_available(c->listener->loop)) {
+        /* serve.c starts an MQTT context on every worker, also with
+         * mqtt.listen off, so this happens only while a worker stops. */
+        reject(c, 503, "mqtt_unavailable",
+               "the MQTT server is not running on this worker; retry "
+               "later",
+               NULL);
     }
 }
 
@@ -316,47 +397,85 @@ static const http_stream_handler_t ws_stream_handler = {
     .on_close = on_stream_close,
 };
 
-void http_ws_handle(http_conn_t *c, http_request_t *r)
+static ws_stream_t stream_of(http_conn_t *c)
 {
-    http_listener_t *l = c->listener;
-    char accept[WS_ACCEPT_LEN + 1];
-    const char *key = r->key_len > 0 ? r->key : NULL;
     ws_stream_t stream = {
         .ops = &ws_stream_ops,
         .ctx = c,
-        .loop = l->loop,
+        .loop = c->listener->loop,
         .conn_id = c->id,
         .peer = c->peer,
     };
+
+    return stream;
+}
+
+/* Queues the 101 response, with Sec-WebSocket-Protocol when `protocol`
+ * is not NULL. Returns 0, or -1 after responding with an error or closing
+ * the connection. */
+static int switch_protocols(http_conn_t *c, http_request_t *r,
+                            const char *protocol)
+{
+    http_listener_t *l = c->listener;
+    char accept[WS_ACCEPT_LEN + 1];
     char *response;
     int len;
-    ws_conn_t *ws;
 
     if (ws_handshake_accept(r->ws.key, accept) != 0) {
         http_conn_error(c, 500, "internal_error",
                         "computing Sec-WebSocket-Accept failed; retry", NULL);
-        return;
+        return -1;
     }
-    response = malloc(256);
+    response = malloc(320);
     if (response == NULL) {
         http_conn_close(c);
-        return;
+        return -1;
     }
-    len = snprintf(response, 256,
+    len = snprintf(response, 320,
                    "HTTP/1.1 101 Switching Protocols\r\n"
                    "Upgrade: websocket\r\n"
                    "Connection: Upgrade\r\n"
-                   "Sec-WebSocket-Accept: %s\r\n\r\n",
-                   accept);
+                   "Sec-WebSocket-Accept: %s\r\n"
+                   "%s%s%s\r\n",
+                   accept, protocol ? "Sec-WebSocket-Protocol: " : "",
+                   protocol ? protocol : "", protocol ? "\r\n" : "");
     http_metrics_request(l->kind, 101,
                          (double)(uv_hrtime() - r->start_ns) / 1e9);
     if (http_conn_write(c, response, response, (size_t)len) != 0) {
         http_conn_close(c);
-        return;
+        return -1;
     }
-    ws = ws_ingest_open(&stream, &l->ws, key);
+    return 0;
+}
+
+void http_ws_handle(http_conn_t *c, http_request_t *r)
+{
+    ws_stream_t stream = stream_of(c);
+    const char *key = r->key_len > 0 ? r->key : NULL;
+    ws_conn_t *ws;
+
+    if (switch_protocols(c, r, NULL) != 0)
+        return;
+    ws = ws_ingest_open(&stream, &c->listener->ws, key);
     if (ws == NULL) {
         log_error("websocket session allocation failed", "conn=%llu peer=%s",
+                  (unsigned long long)c->id, c->peer);
+        http_conn_close(c);
+        return;
+    }
+    http_conn_switch_stream(c, &ws_stream_handler, ws);
+}
+
+void http_mqtt_handle(http_conn_t *c, http_request_t *r)
+{
+    ws_stream_t stream = stream_of(c);
+    ws_conn_t *ws;
+
+    if (switch_protocols(c, r, r->ws.protocol) != 0)
+        return;
+    ws = ws_mqtt_open(&stream, &c->listener->mqtt_ws);
+    if (ws == NULL) {
+        log_error("mqtt over websocket failed to start", "conn=%llu peer=%s",
                   (unsigned long long)c->id, c->peer);
         http_conn_close(c);
         return;

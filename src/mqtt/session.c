@@ -131,7 +131,7 @@ mqtt_session_t *mqtt_session_open(mqtt_listener_t *l,
     l->sessions = s;
     l->session_count++;
     mqtt_listener_ref(l);
-    mqtt_metrics_connection(1);
+    mqtt_metrics_connection(t->kind, 1);
     uv_timer_start(&s->timer, on_keepalive, l->cfg->mqtt.connect_timeout_ms,
                    0);
     log_debug("mqtt connection opened", "conn=%llu transport=%s peer=%s",
@@ -225,7 +225,7 @@ void mqtt_session_transport_closed(mqtt_session_t *s)
     }
     s->transport_open = 0;
     unlink_session(s);
-    mqtt_metrics_connection(-1);
+    mqtt_metrics_connection(s->transport.kind, -1);
     log_debug("mqtt connection closed", "conn=%llu client=%s device=%s "
               "peer=%s",
               (unsigned long long)s->id, s->client_id, s->device.id,

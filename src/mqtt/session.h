@@ -241,7 +241,9 @@ int mqtt_state_unsubscribe(mqtt_state_t *st, const char *filter);
 
 /* ---- session_metrics.c ---- */
 
-void mqtt_metrics_connection(int delta);
+/* Counts a connection opening (+1) or closing (-1) on `transport`, the
+ * mqtt_transport_t kind: "ws", or anything else for "tcp". */
+void mqtt_metrics_connection(const char *transport, int delta);
 void mqtt_metrics_packet(int out, uint8_t type);
 void mqtt_metrics_message(uint8_t qos, const char *result);
 void mqtt_metrics_auth_failure(const char *reason);

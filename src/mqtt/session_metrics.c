@@ -7,12 +7,14 @@
  */
 #include <stdatomic.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "core/metrics.h"
 #include "mqtt/session.h"
 
-static _Atomic(metrics_gauge_t *) open_conns;
-static _Atomic(metrics_counter_t *) conns_total;
+/* Index 0 is transport "tcp", 1 is "ws". */
+static _Atomic(metrics_gauge_t *) open_conns[2];
+static _Atomic(metrics_counter_t *) conns_total[2];
 static _Atomic(metrics_counter_t *) packets[2][16];
 static _Atomic(metrics_counter_t *) bytes[2];
 
@@ -21,20 +23,22 @@ static const char *const packet_names[16] = {
     "pubrel", "pubcomp", "subscribe", "suback", "unsubscribe", "unsuback",
     "pingreq", "pingresp", "disconnect", "auth"};
 
-void mqtt_metrics_connection(int delta)
+void mqtt_metrics_connection(const char *transport, int delta)
 {
-    metrics_gauge_t *g = atomic_load(&open_conns);
-    metrics_counter_t *c = atomic_load(&conns_total);
+    int ws = transport != NULL && strcmp(transport, "ws") == 0;
+    metrics_gauge_t *g = atomic_load(&open_conns[ws]);
+    metrics_counter_t *c = atomic_load(&conns_total[ws]);
+    const char *labels = ws ? "transport=\"ws\"" : "transport=\"tcp\"";
 
     if (g == NULL) {
         g = metrics_gauge("ingestd_mqtt_connections",
-                          "Open MQTT connections, any transport", NULL);
-        atomic_store(&open_conns, g);
+                          "Open MQTT connections, by transport", labels);
+        atomic_store(&open_conns[ws], g);
     }
     if (c == NULL) {
         c = metrics_counter("ingestd_mqtt_connections_total",
-                            "MQTT connections opened", NULL);
-        atomic_store(&conns_total, c);
+                            "MQTT connections opened, by transport", labels);
+        atomic_store(&conns_total[ws], c);
     }
     metrics_gauge_add(g, delta);
     if (delta > 0)

@@ -310,8 +310,10 @@ static void rearm(ws_conn_t *ws)
     } else if (!ws->paused && !ws->write_wait) {
         /* Idle time counts only while the server reads, because input
          * waiting in the kernel during a pause is not the client's fault. */
-        next = earliest(next, ws->last_rx_ms + ws->opts.idle_timeout_ms);
-        next = earliest(next, ping_base(ws) + ws->opts.ping_interval_ms);
+        if (ws->opts.idle_timeout_ms != 0)
+            next = earliest(next, ws->last_rx_ms + ws->opts.idle_timeout_ms);
+        if (ws->opts.ping_interval_ms != 0)
+            next = earliest(next, ping_base(ws) + ws->opts.ping_interval_ms);
     }
     if (next == UINT64_MAX) {
         uv_timer_stop(&ws->timer);
@@ -353,14 +355,16 @@ static void check_liveness(ws_conn_t *ws, uint64_t now)
 
     if (ws->closing || ws->paused || ws->write_wait)
         return;
-    if (now >= ws->last_rx_ms + ws->opts.idle_timeout_ms) {
+    if (ws->opts.idle_timeout_ms != 0 &&
+        now >= ws->last_rx_ms + ws->opts.idle_timeout_ms) {
         log_debug("websocket idle timeout", "conn=%llu peer=%s idle_ms=%llu",
                   (unsigned long long)ws->stream.conn_id, ws->peer,
                   (unsigned long long)(now - ws->last_rx_ms));
         ws_conn_close(ws, WS_CLOSE_GOING_AWAY, "idle timeout");
         return;
     }
-    if (now >= ping_base(ws) + ws->opts.ping_interval_ms) {
+    if (ws->opts.ping_interval_ms != 0 &&
+        now >= ping_base(ws) + ws->opts.ping_interval_ms) {
         ws->last_ping_ms = now;
         if (wslay_event_queue_msg(ws->ctx, &ping) == 0)
             flush(ws);

@@ -7,8 +7,8 @@
  * application handler for each text or binary message, and sends messages
  * and close frames back through the stream's operations. The telemetry
  * protocol of GET /v1/ws (ws_ingest_open) is one such application, and
- * another, such as MQTT over WebSocket, plugs in through the same
- * ws_handler_t.
+ * MQTT over WebSocket at GET /mqtt (ws_mqtt_open) is another, which hands
+ * the bytes to an MQTT session of the mqtt module.
  *
  * Everything runs on the event loop thread that owns the stream.
  */
@@ -64,8 +64,8 @@ typedef struct ws_stream {
 
 typedef struct ws_options {
     uint64_t max_message_size; /* bytes after reassembly; larger: 1009 */
-    uint64_t idle_timeout_ms;  /* nothing received this long: close */
-    uint64_t ping_interval_ms; /* nothing received this long: ping */
+    uint64_t idle_timeout_ms;  /* no input this long: close; 0: never */
+    uint64_t ping_interval_ms; /* no input this long: ping; 0: never */
 } ws_options_t;
 
 /* ---- Connections ---- */
@@ -172,5 +172,30 @@ typedef struct ws_ingest_config {
  * allocation failure. */
 ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
                           const ws_ingest_config_t *cfg, const char *key);
+
+/* ---- MQTT over WebSocket (GET /mqtt) ---- */
+
+/* Subprotocols that GET /mqtt accepts, in order of preference. MQTT 3.1.1
+ * and 5.0 (section 6 of each) require "mqtt"; clients of MQTT 3.1, such
+ * as old Paho releases, offer "mqttv3.1". Names compare case-sensitively,
+ * because a browser fails the handshake unless the server echoes one of
+ * the names it offered exactly. */
+#define WS_MQTT_SUBPROTOCOL "mqtt"
+#define WS_MQTT_SUBPROTOCOL_V31 "mqttv3.1"
+
+/* Returns 1 if `loop` has an MQTT context (mqtt_listener_for_loop) that
+ * WebSocket connections can open sessions on, else 0. Thread-safe. */
+int ws_mqtt_available(uv_loop_t *loop);
+
+/* Opens an MQTT session of the loop's MQTT context on `stream`, as
+ * ws_conn_open does: each binary message carries MQTT bytes, split or
+ * joined anyhow, and each packet the server sends goes out as one binary
+ * message. A text message closes the connection with 1003. When the
+ * session ends the connection closes with 1000, or with 1001 when the
+ * server drains. A close from the client ends the session as a TCP
+ * disconnect does. Returns the connection, or NULL when the loop has no
+ * MQTT context or on allocation failure; the caller then closes the
+ * stream itself. */
+ws_conn_t *ws_mqtt_open(const ws_stream_t *stream, const ws_options_t *opts);
 
 #endif

@@ -580,7 +580,7 @@ def test_metrics_count_messages(mqttd):
     text = mqttd.metrics()
     assert 'ingestd_mqtt_messages_total{qos="1",result="accepted"}' in text
     assert 'ingestd_readings_total{protocol="mqtt",result="accepted"}' in text
-    assert "ingestd_mqtt_connections " in text
+    assert 'ingestd_mqtt_connections{transport="tcp"}' in text
     assert 'ingestd_mqtt_auth_failures_total{reason="bad_password"}' in text
 
 
