@@ -226,6 +226,13 @@ static const char *not_ready(void *arg)
     return NULL;
 }
 
+static size_t describe_sinks(void *arg, char *buf, size_t size)
+{
+    server_t *s = arg;
+
+    return sinks_describe(s->sinks, buf, size);
+}
+
 static void on_reload_timer(uv_timer_t *t)
 {
     server_t *s = t->data;
@@ -541,7 +548,9 @@ int app_serve(const char *config_path)
         rc = start_workers(s, err, sizeof(err));
     }
     if (rc == 0 && s->cfg->admin.listen != NULL && s->cfg->admin.listen[0]) {
-        http_admin_hooks_t hooks = {.not_ready = not_ready, .arg = s};
+        http_admin_hooks_t hooks = {.not_ready = not_ready,
+                                    .describe_sinks = describe_sinks,
+                                    .arg = s};
         rc = http_admin_start(s->main_loop, s->cfg->admin.listen, &hooks,
                               &s->admin, err, sizeof(err));
     }

@@ -13,8 +13,10 @@ static void admin_check(http_conn_t *c, http_request_t *r)
 {
 }
 
+/* Answers with {"status": state, "reason": reason, "sinks": {...}}, where
+ * `sinks` is JSON text or NULL to leave it out. */
 static void respond_status(http_conn_t *c, int status, const char *state,
-                          const char *reason)
+                           const char *reason, const char *sinks)
 {
     json_t *body = json_object();
     http_response_t resp = {0};
@@ -24,6 +26,8 @@ static void respond_status(http_conn_t *c, int status, const char *state,
         json_object_set_new(body, "status", json_string(state));
         if (reason != NULL)
             json_object_set_new(body, "reason", json_string(reason));
+        if (sinks != NULL)
+            json_object_set_new(body, "sinks", json_loads(sinks, 0, NULL));
         rc = http_response_json(&resp, status, body);
         json_decref(body);
     }
@@ -55,20 +59,27 @@ static void handle_metrics(http_conn_t *c, http_request_t *r)
 
 static void handle_healthz(http_conn_t *c, http_request_t *r)
 {
-    respond_status(c, 200, "ok", NULL);
+    respond_status(c, 200, "ok", NULL, NULL);
 }
 
 static void handle_readyz(http_conn_t *c, http_request_t *r)
 {
     const http_admin_hooks_t *hooks = &c->listener->hooks;
     const char *reason = NULL;
+    char sinks[4096];
+    const char *shown = NULL;
 
     if (hooks->not_ready != NULL)
         reason = hooks->not_ready(hooks->arg);
+    /* Sink state is information only: a broker outage does not make
+     * ingestd unready, because the spool keeps accepting readings. */
+    if (hooks->describe_sinks != NULL &&
+        hooks->describe_sinks(hooks->arg, sinks, sizeof(sinks)) > 0)
+        shown = sinks;
     if (reason != NULL)
-        respond_status(c, 503, "not ready", reason);
+        respond_status(c, 503, "not ready", reason, shown);
     else
-        respond_status(c, 200, "ready", NULL);
+        respond_status(c, 200, "ready", NULL, shown);
 }
 
 const http_route_t http_admin_routes[] = {

@@ -28,9 +28,12 @@ int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
                    size_t errlen);
 
 /* Hooks the admin listener calls to answer /readyz. `not_ready` returns
- * NULL when ready, or a short static reason such as "spool full". */
+ * NULL when ready, or a short static reason such as "spool full".
+ * `describe_sinks`, when set, writes a JSON object with each sink's state
+ * into `buf` and returns its length; /readyz shows it as "sinks". */
 typedef struct http_admin_hooks {
     const char *(*not_ready)(void *arg);
+    size_t (*describe_sinks)(void *arg, char *buf, size_t size);
     void *arg;
 } http_admin_hooks_t;
 

@@ -194,6 +194,10 @@ def test_redis_stream_fields(tmp_path):
         assert server.metric("ingestd_sink_lag_records") == 0
         assert server.metric("ingestd_sink_lag_seconds") == 0
         assert server.metric("ingestd_sink_in_flight") == 0
+        ready = requests.get(server.admin_url + "/readyz", timeout=5)
+        assert ready.status_code == 200
+        assert ready.json()["sinks"]["redis"]["connected"] is True
+        assert ready.json()["sinks"]["out"]["type"] == "file"
         report_duplicates(stream_ids(redis), "stream")
     finally:
         assert server.finish() == 0
@@ -238,6 +242,11 @@ def test_redis_outage_under_load(tmp_path):
             server.wait_metric("ingestd_sink_connected", 1)
             redis.stop()
             server.wait_metric("ingestd_sink_connected", 0)
+            # A broker outage is shown, but ingestd stays ready: the
+            # spool keeps accepting readings.
+            ready = requests.get(server.admin_url + "/readyz", timeout=5)
+            assert ready.status_code == 200
+            assert ready.json()["sinks"]["redis"]["connected"] is False
             time.sleep(1.0)
             redis.start()
             server.wait_metric("ingestd_sink_connected", 1)
