@@ -63,6 +63,7 @@ typedef struct sink_ops {
 } sink_ops_t;
 
 extern const sink_ops_t sink_file_ops;
+extern const sink_ops_t sink_kafka_ops;
 extern const sink_ops_t sink_redis_ops;
 
 typedef struct sinks sinks_t;

@@ -31,6 +31,7 @@
 /* Sink implementations by config kind. A new broker adds its ops here. */
 static const sink_ops_t *const sink_kinds[] = {
     [CONFIG_SINK_FILE] = &sink_file_ops,
+    [CONFIG_SINK_KAFKA] = &sink_kafka_ops,
     [CONFIG_SINK_REDIS] = &sink_redis_ops,
 };
 
