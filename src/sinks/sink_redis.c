@@ -24,8 +24,8 @@
 #include "sinks/sink.h"
 #include "sinks/template.h"
 
-/* Longest key or channel name a template may expand to. Redis allows far
- * longer keys, but one this long is almost surely a template mistake. */
+/* Maximum length of the key or channel a template expands to. Redis allows
+ * far longer keys, but one this long is almost surely a template mistake. */
 #define KEY_MAX 1024
 
 typedef struct redis_sink {
@@ -199,7 +199,7 @@ static int connect_redis(redis_sink_t *r)
         goto error;
     }
     /* Bounds each read and write of a command, so a Redis that stops
-     * answering fails the batch instead of hanging the sink. */
+     * responding fails the batch instead of hanging the sink. */
     if (redisSetTimeout(r->conn, r->timeout) != REDIS_OK) {
         log_connection_error(r, "setting the redis timeout failed",
                              r->conn->errstr);
@@ -282,7 +282,7 @@ static int append_record(redis_sink_t *r, const spool_record_t *rec,
     return 0;
 }
 
-/* Sets the outcome of one reply. Only WRONGTYPE (the key holds another
+/* Sets the outcome of one reply. Only WRONGTYPE (the key contains another
  * type) is a rejection for good. Other errors, such as OOM, LOADING,
  * READONLY, NOAUTH or NOPERM, are about the server or its configuration
  * rather than the record, so the record is retried: dead-lettering would
@@ -329,7 +329,7 @@ static int redis_deliver(void *state, const spool_record_t *recs, size_t n,
 
         rc = append_record(r, &recs[i], &out[i], &sent);
         if (rc < 0) {
-            /* The output buffer holds part of the batch; a new
+            /* The output buffer contains part of the batch, so a new
              * connection starts clean. */
             disconnect(r);
             return rc;

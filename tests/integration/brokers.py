@@ -53,7 +53,7 @@ class Redis:
         return f"127.0.0.1:{self.port}"
 
     def start(self):
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it replies to PING."""
         args = ["redis-server", "--port", str(self.port),
                 "--bind", "127.0.0.1", "--save", "",
                 "--dir", str(self.folder), "--logfile", str(self.log)]
@@ -108,8 +108,10 @@ class Redis:
         """Return the entries of stream `key` as a list of field dicts.
 
         With --raw, redis-cli prints each entry as its id and then one
-        line per field name and value; no value contains a newline,
-        because envelopes are compact JSON.
+        line per field name and value. Envelopes are compact JSON, so no
+        value contains a newline. A value that looks like an entry id
+        (digits, '-', digits) would be misread, so test device ids must
+        not have that form.
         """
         lines = self.cli("XRANGE", key, "-", "+")
         entries = []

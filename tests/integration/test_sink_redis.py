@@ -283,8 +283,8 @@ def test_redis_sigkill_while_forwarding(tmp_path):
 def test_redis_clean_stop_drains_spool(tmp_path):
     redis = Redis(tmp_path / "redis")
     redis.start()
-    # A slow sink: small batches and a broker that answers, so records
-    # are still in the spool when SIGTERM arrives.
+    # A slow sink with one record per batch, so that records are still in
+    # the spool when SIGTERM arrives.
     server = Ingestd(tmp_path / "ingestd", redis, batch_records=1)
     server.start()
     try:
@@ -306,7 +306,7 @@ def test_redis_clean_stop_drains_spool(tmp_path):
 def test_redis_wrongtype_dead_lettered(tmp_path):
     redis = Redis(tmp_path / "redis")
     redis.start()
-    # dev-1's key holds a string, so XADD to it fails with WRONGTYPE.
+    # dev-1's key contains a string, so XADD to it fails with WRONGTYPE.
     redis.cli("SET", "telemetry:dev-1", "x")
     server = Ingestd(tmp_path / "ingestd", redis,
                      topic="telemetry:{device_id}")
