@@ -66,12 +66,16 @@ struct ws_conn {
     unsigned paused : 1;         /* the application stopped input */
     unsigned write_wait : 1;     /* too much output queued */
     unsigned reading : 1;        /* the last set_reading request */
-    unsigned closing : 1;        /* we queued a close frame */
+    unsigned closing : 1;        /* we queued or deferred a close frame */
     unsigned stream_closing : 1; /* ops->close was called */
     unsigned stream_closed : 1;  /* the owner reported the close */
     unsigned in_recv : 1;        /* inside wslay_event_recv */
     unsigned kick : 1;           /* the timer must run pending work */
     unsigned finished : 1;       /* on_close ran, the timer is closing */
+    unsigned close_pending : 1;  /* close frame deferred past recv */
+
+    uint16_t close_code; /* of the deferred close frame */
+    char close_reason[WS_CLOSE_REASON_MAX + 1];
 };
 
 static uint64_t now_ms(const ws_conn_t *ws)
@@ -240,6 +244,8 @@ static void compact_input(ws_conn_t *ws)
     }
 }
 
+static void queue_close(ws_conn_t *ws, uint16_t code, const char *reason);
+
 /* Hands buffered input to wslay, which calls the application for each
  * complete message, then sends what that produced. */
 static void run_input(ws_conn_t *ws)
@@ -259,6 +265,14 @@ static void run_input(ws_conn_t *ws)
         return;
     if (flush(ws) != 0)
         return;
+    if (ws->close_pending) {
+        /* The messages the application queued are sent by now, so the
+         * close frame goes out after them. */
+        ws->close_pending = 0;
+        queue_close(ws, ws->close_code, ws->close_reason);
+        if (!stream_usable(ws) || flush(ws) != 0)
+            return;
+    }
     if (rc != 0) {
         /* wslay queued a close frame when it could; nothing more can be
          * read, so the connection ends after that frame. */
@@ -541,14 +555,12 @@ static size_t reason_length(const char *reason)
     return len;
 }
 
-void ws_conn_close(ws_conn_t *ws, uint16_t code, const char *reason)
+/* Queues the close frame in wslay. Returns with the stream closing if
+ * wslay failed. */
+static void queue_close(ws_conn_t *ws, uint16_t code, const char *reason)
 {
     int rc;
 
-    if (!stream_usable(ws) || ws->closing)
-        return;
-    ws->closing = 1;
-    ws->close_deadline_ms = now_ms(ws) + CLOSE_WAIT_MS;
     rc = wslay_event_queue_close(ws->ctx, code, (const uint8_t *)reason,
                                  reason_length(reason));
     if (rc != 0 && rc != WSLAY_ERR_NO_MORE_MSG) {
@@ -557,7 +569,31 @@ void ws_conn_close(ws_conn_t *ws, uint16_t code, const char *reason)
     }
     log_debug("websocket closing", "conn=%llu peer=%s code=%u",
               (unsigned long long)ws->stream.conn_id, ws->peer, (unsigned)code);
-    if (!ws->in_recv && flush(ws) == 0) {
+}
+
+void ws_conn_close(ws_conn_t *ws, uint16_t code, const char *reason)
+{
+    size_t len;
+
+    if (!stream_usable(ws) || ws->closing)
+        return;
+    ws->closing = 1;
+    ws->close_deadline_ms = now_ms(ws) + CLOSE_WAIT_MS;
+    if (ws->in_recv) {
+        /* wslay sends queued control frames before queued data frames,
+         * so a close frame queued now would overtake the messages that
+         * the application queued during this recv. run_input queues it
+         * once they are sent. */
+        len = reason_length(reason);
+        memcpy(ws->close_reason, reason ? reason : "", len);
+        ws->close_reason[len] = '\0';
+        ws->close_code = code;
+        ws->close_pending = 1;
+        rearm(ws);
+        return;
+    }
+    queue_close(ws, code, reason);
+    if (stream_usable(ws) && flush(ws) == 0) {
         check_done(ws);
         update_reading(ws);
     }
