@@ -33,6 +33,7 @@ static const sink_ops_t *const sink_kinds[] = {
     [CONFIG_SINK_FILE] = &sink_file_ops,
     [CONFIG_SINK_KAFKA] = &sink_kafka_ops,
     [CONFIG_SINK_REDIS] = &sink_redis_ops,
+    [CONFIG_SINK_RABBITMQ] = &sink_rabbitmq_ops,
 };
 
 /* Used when a sink's config leaves retry_min or retry_max at 0, which
