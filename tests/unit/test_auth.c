@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <openssl/evp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -569,7 +570,7 @@ static void auth_reload_if_changed_sees_commit(void **state)
 struct checker {
     auth_t *auth;
     atomic_int *stop;
-    long checks;
+    atomic_long checks;
     char (*keys)[AUTH_KEY_LEN + 1];
     int failures;
 };
@@ -590,7 +591,7 @@ static void *run_checker(void *arg)
                 AUTH_OK ||
             strcmp(dev.id, expected) != 0)
             c->failures++;
-        c->checks++;
+        atomic_fetch_add(&c->checks, 1);
     }
     return NULL;
 }
@@ -620,6 +621,12 @@ static void auth_check_during_reloads(void **state)
         assert_int_equal(
             pthread_create(&threads[t], NULL, run_checker, &checkers[t]), 0);
     }
+    /* Start reloading only once every thread is checking, so that the
+     * reloads overlap with the checks even on a loaded machine. */
+    for (int t = 0; t < CHECKER_THREADS; t++) {
+        while (atomic_load(&checkers[t].checks) == 0)
+            sched_yield();
+    }
     /* Each round swaps in a new snapshot while the threads hold the old
      * one, which is where a reference counting bug would free it early. */
     for (int round = 0; round < RELOAD_ROUNDS; round++) {
@@ -631,10 +638,13 @@ static void auth_check_during_reloads(void **state)
             assert_int_equal(auth_reload_if_changed(a), 1);
     }
     atomic_store(&stop, 1);
-    for (int t = 0; t < CHECKER_THREADS; t++) {
+    /* Join every thread before any assert can leave this function, since
+     * the threads use its stack. */
+    for (int t = 0; t < CHECKER_THREADS; t++)
         assert_int_equal(pthread_join(threads[t], NULL), 0);
+    for (int t = 0; t < CHECKER_THREADS; t++) {
         assert_int_equal(checkers[t].failures, 0);
-        assert_true(checkers[t].checks > 0);
+        assert_true(atomic_load(&checkers[t].checks) > 0);
     }
     assert_int_equal(auth_device_count(a), STABLE_DEVICES + RELOAD_ROUNDS);
     auth_close(a);
