@@ -44,13 +44,15 @@ def reading(marker, value=42.0):
     return json.dumps({"sensor_value": value, "seq": marker})
 
 
-def wait_for_seq(server, marker, timeout_s=10):
-    """Wait until a record with payload seq `marker` is in the output."""
+def wait_for_seq(server, marker, timeout_s=10, count=1):
+    """Wait until `count` records with payload seq `marker` are in the
+    output. The sink writes after the ack, so a check right after a PUBACK
+    must wait."""
     deadline = time.monotonic() + timeout_s
     while True:
         found = [r for r in server.output_records()
                  if r["payload"].get("seq") == marker]
-        if found:
+        if len(found) >= count:
             return found
         if time.monotonic() > deadline:
             raise AssertionError(f"reading {marker} not in the output")
@@ -150,7 +152,7 @@ def test_array_payload_stores_every_reading(mqttd):
         ack = c.read()
     assert ack.type == raw.PUBACK
     assert ack.reason == 0
-    assert len(records_with_seq(mqttd, marker)) == 2
+    assert len(wait_for_seq(mqttd, marker, count=2)) == 2
 
 
 # ---- CONNECT ----
@@ -373,6 +375,7 @@ def test_qos2_state_survives_reconnect(mqttd):
         comp = c.read()
         assert comp.type == raw.PUBCOMP
         assert comp.reason == 0
+    wait_for_seq(mqttd, marker)
     time.sleep(0.5)
     assert len(records_with_seq(mqttd, marker)) == 1
 
