@@ -277,10 +277,14 @@ run_mosquitto() {
 listener $port 127.0.0.1
 allow_anonymous true
 persistence false
+set_tcp_nodelay true
 log_dest stderr
 log_type error
 log_type warning
 EOF
+    # ingestd sets TCP_NODELAY on its connections, and so does mqtt_load;
+    # set_tcp_nodelay makes mosquitto do the same, since by default its
+    # PUBACKs wait for Nagle's algorithm.
     # mqtt_load sends user names and passwords; mosquitto accepts any with
     # allow_anonymous true and no password file. Devices need no
     # registration there.

@@ -605,6 +605,9 @@ static int setup_client(worker_t *w, client_t *c, int index)
     mosquitto_int_option(c->mosq, MOSQ_OPT_PROTOCOL_VERSION,
                          opt->version == 5 ? MQTT_PROTOCOL_V5
                                            : MQTT_PROTOCOL_V311);
+    /* Nagle's algorithm would hold small PUBLISH packets back until the
+     * server's ACK, which adds client delay to the measured latency. */
+    mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
     /* The tool keeps its own window, so libmosquitto's must not be
      * smaller. */
     mosquitto_max_inflight_messages_set(c->mosq, (unsigned)opt->window);
