@@ -109,6 +109,48 @@ enum auth_result auth_check_key(auth_t *a, const char *key, size_t len,
 enum auth_result auth_lookup_device(auth_t *a, const char *id,
                                     auth_device_t *dev);
 
+/* --- Credentials beyond API keys (TLS client certificates and JWT) --- */
+
+enum auth_method {
+    AUTH_METHOD_API_KEY = 0,
+    AUTH_METHOD_JWT = 1,
+    AUTH_METHOD_CERTIFICATE = 2,
+};
+
+/* Why a credential was rejected, for logs, metrics labels and answers.
+ * Static strings such as "expired", "bad_signature", "wrong_audience",
+ * "alg_not_allowed", "unknown_device", "disabled", "fingerprint_mismatch". */
+typedef struct auth_failure {
+    const char *reason;
+    char detail[160]; /* a sentence for the client, never a secret */
+} auth_failure_t;
+
+/* Authenticates a bearer credential as sent in HTTP Authorization,
+ * X-API-Key, the WebSocket auth message or the MQTT password: an API key
+ * ("ik_...") or a JWT (three base64url parts). `claimed_id` is the device
+ * id the protocol names separately (MQTT username), or NULL; when set, it
+ * must match the credential's device. On success fills `dev`, stores the
+ * method in `*method` and, for a JWT, its expiry (Unix seconds, 0 if none)
+ * in `*expires_at`. Returns AUTH_OK, AUTH_UNKNOWN_KEY (any invalid
+ * credential; `why` says which check failed) or AUTH_DISABLED. */
+enum auth_result auth_check_credential(auth_t *a, const char *cred,
+                                       size_t len, const char *claimed_id,
+                                       auth_device_t *dev,
+                                       enum auth_method *method,
+                                       int64_t *expires_at,
+                                       auth_failure_t *why);
+
+/* Authenticates a verified TLS client certificate: `device_id` is the
+ * identity taken from it (subject CN, SAN URI or DNS name, as configured),
+ * `fingerprint` its SHA-256 over the DER encoding. The device must exist
+ * and be enabled, and when it is pinned to a fingerprint, match it.
+ * Returns AUTH_OK, AUTH_UNKNOWN_DEVICE or AUTH_DISABLED, with `why` set on
+ * failure. */
+enum auth_result auth_check_certificate(auth_t *a, const char *device_id,
+                                        const unsigned char fingerprint[32],
+                                        auth_device_t *dev,
+                                        auth_failure_t *why);
+
 /* Number of devices in the current snapshot. */
 size_t auth_device_count(auth_t *a);
 
