@@ -64,6 +64,8 @@ typedef struct sink_ops {
 
 extern const sink_ops_t sink_file_ops;
 extern const sink_ops_t sink_kafka_ops;
+extern const sink_ops_t sink_mqtt_ops;
+extern const sink_ops_t sink_nats_ops;
 extern const sink_ops_t sink_rabbitmq_ops;
 extern const sink_ops_t sink_redis_ops;
 

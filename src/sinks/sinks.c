@@ -34,6 +34,8 @@ static const sink_ops_t *const sink_kinds[] = {
     [CONFIG_SINK_KAFKA] = &sink_kafka_ops,
     [CONFIG_SINK_REDIS] = &sink_redis_ops,
     [CONFIG_SINK_RABBITMQ] = &sink_rabbitmq_ops,
+    [CONFIG_SINK_NATS] = &sink_nats_ops,
+    [CONFIG_SINK_MQTT] = &sink_mqtt_ops,
 };
 
 /* Used when a sink's config leaves retry_min or retry_max at 0, which
