@@ -1,16 +1,17 @@
 /* The RabbitMQ sink: publishes each record to an exchange over AMQP 0-9-1,
  * through librabbitmq, with publisher confirms.
  *
- * A batch is published on one channel in confirm mode and then the sink
- * waits, up to the sink's timeout, until the broker confirmed every
- * delivery tag: basic.ack means RabbitMQ took responsibility for the
- * message (for a persistent message in a durable queue, it is on disk),
- * basic.nack means it did not, so the record is sent again. Messages are
- * published with the mandatory flag: a message that no queue is bound to
- * receive comes back as basic.return before its ack, and is dead-lettered,
- * because nothing would ever read it. When the wait times out or the
- * connection fails, every record not yet confirmed is retried on a new
- * connection.
+ * A batch is published on one channel in confirm mode. The sink then waits,
+ * up to the sink's timeout, until the broker confirmed every delivery tag.
+ * A basic.ack means RabbitMQ took responsibility for the message, which for
+ * a persistent message in a durable queue means it is on disk. A
+ * basic.nack means it did not, so the record is sent again.
+ *
+ * Messages are published with the mandatory flag, so a message that no
+ * queue is bound to receive comes back as basic.return before its ack. It
+ * is dead-lettered, because nothing would ever read it. When the wait times
+ * out or the connection fails, every record not yet confirmed is retried on
+ * a new connection.
  *
  * Each exchange is declared as a durable topic exchange the first time a
  * connection publishes to it, so that a fresh broker works without setup.
@@ -53,7 +54,8 @@ typedef struct pending {
     char routing_key[NAME_MAX_BYTES + 1];
     int published;
     int settled;
-    /* The broker returned the message as unroutable; its ack follows. */
+    /* Set when the broker returned the message as unroutable. Its ack
+     * follows the return. */
     int returned;
 } pending_t;
 
@@ -177,7 +179,7 @@ static int copy_string(char **dst, const char *src)
 
 /* Sets the credentials. RabbitMQ's built-in guest user may only log in
  * from loopback, so guest/guest is the default only for a broker on
- * loopback; a remote broker needs a username. */
+ * loopback. A remote broker needs a username. */
 static int set_credentials(const config_sink_t *cfg, rabbitmq_sink_t *r,
                            char *err, size_t errlen)
 {
@@ -306,7 +308,7 @@ static const char *describe_reply(amqp_rpc_reply_t reply, char *buf,
     return buf;
 }
 
-/* Opens channel 1 in confirm mode; delivery tags start again at 1. */
+/* Opens channel 1 in confirm mode, where delivery tags start again at 1. */
 static int open_channel(rabbitmq_sink_t *r)
 {
     char buf[300];
@@ -385,9 +387,10 @@ static int connect_rabbitmq(rabbitmq_sink_t *r)
                              amqp_error_string2(status));
         goto error;
     }
-    /* Heartbeats are off: librabbitmq only answers them inside its own
-     * calls, so an idle sink would be dropped. The confirm timeout finds a
-     * dead broker during a batch, and TCP keepalive between batches. */
+    /* Heartbeats are off, because librabbitmq sends them only inside its
+     * own calls and the broker would drop an idle sink. The confirm timeout
+     * detects a dead broker during a batch, and TCP keepalive between
+     * batches. */
     setsockopt(amqp_get_sockfd(r->conn), SOL_SOCKET, SO_KEEPALIVE, &on,
                sizeof(on));
     reply = amqp_login(r->conn, r->vhost, 0, AMQP_DEFAULT_FRAME_SIZE, 0,
@@ -410,8 +413,8 @@ error:
     return ING_EIO;
 }
 
-/* Answers the broker's channel.close, as the protocol requires before the
- * channel can be opened again. */
+/* Sends channel.close-ok for the broker's channel.close, which the
+ * protocol requires before the channel can be opened again. */
 static int close_ok_channel(rabbitmq_sink_t *r)
 {
     amqp_channel_close_ok_t ok = {0};
@@ -462,9 +465,9 @@ static int declare_exchange(rabbitmq_sink_t *r, const char *name,
 }
 
 /* Makes sure exchange `name` exists before publishing to it. The broker's
- * own amq.* exchanges cannot be declared and always exist. An exchange
- * that exists with another type or durability (406) or that this user may
- * not configure (403) is used when a passive declare finds it. */
+ * own amq.* exchanges cannot be declared, so they are used as they are. A
+ * passive declare checks an exchange that exists with another type or
+ * durability (406), or that this user may not configure (403). */
 static int ensure_exchange(rabbitmq_sink_t *r, const char *name)
 {
     char ebuf[300];
@@ -671,8 +674,8 @@ static int handle_frame(rabbitmq_sink_t *r, const amqp_frame_t *f,
         return 0;
     }
     case AMQP_BASIC_RETURN_METHOD:
-        /* Its reply code is 312 NO_ROUTE: mandatory is the only flag
-         * that makes RabbitMQ return a message. */
+        /* The reply code is 312 NO_ROUTE, because mandatory is the only
+         * flag that makes RabbitMQ return a message. */
         r->ret.active = 1;
         return 0;
     case AMQP_CHANNEL_CLOSE_METHOD: {
@@ -711,8 +714,8 @@ static uint64_t now_ms(void)
 }
 
 /* Waits until every published record is confirmed or `deadline_ms`
- * passes. Returns 0 when all are settled, ING_EIO otherwise; records not
- * settled keep the RETRY outcome the runner set. */
+ * passes. Returns 0 when all are settled, or ING_EIO. Records not settled
+ * keep the RETRY outcome that the runner set. */
 static int wait_for_confirms(rabbitmq_sink_t *r, uint64_t deadline_ms,
                              sink_outcome_t *out)
 {
@@ -750,7 +753,7 @@ static int wait_for_confirms(rabbitmq_sink_t *r, uint64_t deadline_ms,
         }
         if (handle_frame(r, &frame, out, &unsettled) < 0)
             return ING_EIO;
-        /* Frees the decoded frame; what is still needed was copied. */
+        /* Frees the decoded frame, whose needed fields were copied. */
         amqp_maybe_release_buffers(r->conn);
     }
     return 0;

@@ -9,10 +9,13 @@ here next to Redis.
 import dataclasses
 import json
 import os
+import pwd
 import select
 import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -265,3 +268,224 @@ def kafka(tmp_path):
     cluster = KafkaMock(tmp_path)
     yield cluster
     cluster.stop()
+
+
+# --- RabbitMQ: rabbitmq-server as the rabbitmq user -------------------------
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+RABBITMQ_START_TIMEOUT_S = 60
+
+
+@dataclasses.dataclass
+class AmqpMessage:
+    """One message read back from a queue with pika."""
+
+    exchange: str
+    routing_key: str
+    message_id: str
+    content_type: str
+    delivery_mode: int
+    headers: dict
+    body: str
+
+
+class RabbitMQ:
+    """A rabbitmq-server node on 127.0.0.1, run as the rabbitmq user.
+
+    The node has its own name, ports, Erlang port mapper (epmd) and data
+    in a temporary folder that the rabbitmq user owns, so that it neither
+    uses nor disturbs a system RabbitMQ. Messages in durable queues
+    survive stop() and start(). Call close() at the end to stop epmd and
+    remove the folder.
+    """
+
+    def __init__(self):
+        if not os.path.exists(RABBITMQ_SERVER):
+            pytest.skip("rabbitmq-server not found: run "
+                        "scripts/install-deps.sh test (package "
+                        "rabbitmq-server)")
+        require("epmd", "erlang-base")
+        pytest.importorskip("pika", reason="install python3-pika")
+        # A folder in /tmp, because pytest's are closed to other users.
+        self.folder = tempfile.mkdtemp(prefix="ingestd-rabbitmq-")
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
+        self.node = f"ingestd-test-{self.port}@localhost"
+        self.log = os.path.join(self.folder, "server.log")
+        self._write_files()
+        self.env = self._environment()
+        self.proc = None
+        # Our own epmd, started before the node so that the node does not
+        # start a daemonized one that we could not stop by PID.
+        self.epmd = self._spawn(["epmd", "-port", str(self.epmd_port),
+                                 "-address", "127.0.0.1"], "epmd.log")
+
+    def _write_files(self):
+        """Write the node's config files, owned by the rabbitmq user."""
+        user = pwd.getpwnam("rabbitmq")
+        with open(os.path.join(self.folder, "rabbitmq.conf"), "w") as f:
+            f.write(f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+                    "loopback_users.guest = true\n"
+                    "log.console = false\n"
+                    "log.file.level = info\n")
+        with open(os.path.join(self.folder, "enabled_plugins"), "w") as f:
+            f.write("[].\n")
+        open(os.path.join(self.folder, "rabbitmq-env.conf"), "w").close()
+        for root, dirs, files in os.walk(self.folder):
+            for name in [root, *(os.path.join(root, n)
+                                 for n in dirs + files)]:
+                os.chown(name, user.pw_uid, user.pw_gid)
+
+    def _environment(self):
+        """Return the environment of the node and of rabbitmqctl."""
+        def path(name):
+            return os.path.join(self.folder, name)
+
+        loopback = "-kernel inet_dist_use_interface {127,0,0,1}"
+        return {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": self.folder,  # the Erlang cookie goes here
+            "LANG": "C.UTF-8",
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "RABBITMQ_BASE": self.folder,
+            "RABBITMQ_MNESIA_BASE": path("mnesia"),
+            "RABBITMQ_LOG_BASE": path("log"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": path("feature_flags"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": path("enabled_plugins"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": path("plugins"),
+            "RABBITMQ_CONFIG_FILE": path("rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": path("advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": path("rabbitmq-env.conf"),
+            "RABBITMQ_PID_FILE": path("pid"),
+            # The Erlang distribution listens on loopback only.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": loopback,
+            "RABBITMQ_CTL_ERL_ARGS": loopback,
+        }
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, args, log_name):
+        with open(os.path.join(self.folder, log_name), "ab") as log:
+            return subprocess.Popen(args, env=self.env, user="rabbitmq",
+                                    group="rabbitmq", extra_groups=[],
+                                    cwd=self.folder, stdout=log,
+                                    stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def ctl(self, *args, timeout=30):
+        """Run rabbitmqctl against the node as the rabbitmq user."""
+        return subprocess.run([RABBITMQCTL, "-n", self.node, *args],
+                              env=self.env, user="rabbitmq",
+                              group="rabbitmq", extra_groups=[],
+                              cwd=self.folder, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self):
+        """Start the node and wait until it accepts AMQP connections."""
+        self.proc = self._spawn([RABBITMQ_SERVER], "server.log")
+        deadline = time.monotonic() + RABBITMQ_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"rabbitmq-server exited with {self.proc.returncode}: "
+                    f"{self.server_log()}")
+            # await_startup fails at once while the node is not yet
+            # registered with epmd, so it is retried until the deadline.
+            left = max(1, int(deadline - time.monotonic()))
+            try:
+                done = self.ctl("await_startup", "--timeout", str(left),
+                                timeout=left + 10)
+            except subprocess.TimeoutExpired:
+                break
+            if done.returncode == 0 and self._port_open():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise AssertionError(
+            f"rabbitmq-server not ready within {RABBITMQ_START_TIMEOUT_S} "
+            f"s: {self.server_log()}")
+
+    def _port_open(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port),
+                                          timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def server_log(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()[-3000:]
+
+    def stop(self):
+        """Stop the node by its PID: the start script turns SIGTERM into
+        a clean shutdown. The whole process group is killed on timeout."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT_S * 3)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def close(self):
+        """Stop the node and its epmd, and remove the folder."""
+        self.stop()
+        if self.epmd.poll() is None:
+            self.epmd.send_signal(signal.SIGTERM)
+            try:
+                self.epmd.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.epmd.kill()
+                self.epmd.wait(timeout=STOP_TIMEOUT_S)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _connection(self):
+        import pika  # noqa: PLC0415 - skipped above when missing
+
+        params = pika.ConnectionParameters(
+            host="127.0.0.1", port=self.port, connection_attempts=1,
+            socket_timeout=10, blocked_connection_timeout=10)
+        return pika.BlockingConnection(params)
+
+    def bind_queue(self, queue, exchange="telemetry", binding_key="#"):
+        """Declare a durable queue and bind it to the durable topic
+        exchange `exchange`, declared as the sink declares it."""
+        conn = self._connection()
+        try:
+            ch = conn.channel()
+            ch.exchange_declare(exchange, exchange_type="topic",
+                                durable=True)
+            ch.queue_declare(queue, durable=True)
+            ch.queue_bind(queue, exchange, routing_key=binding_key)
+        finally:
+            conn.close()
+
+    def get_all(self, queue, limit=100000):
+        """Remove and return up to `limit` messages from `queue`."""
+        conn = self._connection()
+        messages = []
+        try:
+            ch = conn.channel()
+            while len(messages) < limit:
+                method, props, body = ch.basic_get(queue, auto_ack=True)
+                if method is None:
+                    break
+                messages.append(AmqpMessage(
+                    method.exchange, method.routing_key,
+                    props.message_id or "", props.content_type or "",
+                    props.delivery_mode or 0, dict(props.headers or {}),
+                    body.decode()))
+        finally:
+            conn.close()
+        return messages
