@@ -114,9 +114,10 @@ static char *subject_filter(const char *text)
     return filter;
 }
 
-/* Returns true when `subject` is a valid subject to publish to: tokens
- * separated by '.', none empty, no white space and no wildcard token. */
-static bool subject_is_valid(const char *subject)
+/* Returns true when `subject` is made of tokens separated by '.', none
+ * empty and without white space, and has no wildcard token ('*' or '>')
+ * unless `wildcards` allows them, as in a stream's subject filter. */
+static bool subject_is_valid(const char *subject, bool wildcards)
 {
     const char *token = subject;
 
@@ -125,7 +126,7 @@ static bool subject_is_valid(const char *subject)
 
         if (n == 0 || strcspn(token, " \t\r\n") < n)
             return false;
-        if (n == 1 && (token[0] == '*' || token[0] == '>'))
+        if (!wildcards && n == 1 && (token[0] == '*' || token[0] == '>'))
             return false;
         if (token[n] == '\0')
             return true;
@@ -601,7 +602,7 @@ static int nats_open(const config_sink_t *cfg, sink_ctx_t *ctx, void **state,
     s->filter = subject_filter(sink_template_text(s->topic));
     if (s->filter == NULL)
         goto nomem;
-    if (!subject_is_valid(s->filter) && strcmp(s->filter, ">") != 0) {
+    if (!subject_is_valid(s->filter, true)) {
         snprintf(err, errlen,
                  "sink %s: topic \"%s\" is not a NATS subject; separate "
                  "tokens with single dots",
@@ -673,7 +674,7 @@ static int build_message(nats_sink_t *s, const spool_record_t *rec,
                sink_template_text(s->topic));
         return 0;
     }
-    if (!subject_is_valid(subject)) {
+    if (!subject_is_valid(subject, false)) {
         reject(out, "\"%.120s\" is not a valid NATS subject", subject);
         return 0;
     }

@@ -471,6 +471,15 @@ class RabbitMQ:
         finally:
             conn.close()
 
+    def queue_length(self, queue):
+        """Return the number of messages ready in `queue`."""
+        conn = self._connection()
+        try:
+            declared = conn.channel().queue_declare(queue, passive=True)
+            return declared.method.message_count
+        finally:
+            conn.close()
+
     def get_all(self, queue, limit=100000):
         """Remove and return up to `limit` messages from `queue`."""
         conn = self._connection()
@@ -489,3 +498,168 @@ class RabbitMQ:
         finally:
             conn.close()
         return messages
+
+
+# --- NATS: nats-server with JetStream, read back with nats_consume ---------
+
+def nats_consume_binary():
+    """Return the nats_consume path: $NATS_CONSUME_BIN or beside ingestd."""
+    return os.environ.get(
+        "NATS_CONSUME_BIN",
+        os.path.join(os.path.dirname(binary()) or ".", "nats_consume"))
+
+
+def _wait_port(port, proc, name, log):
+    """Wait until `port` on 127.0.0.1 accepts connections."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"{name} exited with {proc.returncode}: "
+                f"{log.read_text() if log.exists() else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{name} not ready within {START_TIMEOUT_S} s")
+
+
+def _stop_process(proc):
+    """Stop `proc` by its PID: SIGTERM, then SIGKILL on timeout."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+class Nats:
+    """A nats-server with JetStream on 127.0.0.1, its file store in
+    `folder`, so streams and messages survive stop() and start().
+
+    `max_payload` sets the server's maximum message size in bytes.
+    """
+
+    def __init__(self, folder, max_payload=None):
+        require("nats-server", "nats-server")
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log = folder / "nats.log"
+        self.config = folder / "nats.conf"
+        self.config.write_text(
+            f"max_payload: {max_payload}\n" if max_payload else "")
+        self.proc = None
+
+    @property
+    def address(self):
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self):
+        """Start the server and wait until it accepts connections."""
+        self.proc = subprocess.Popen(
+            ["nats-server", "-c", str(self.config), "-a", "127.0.0.1",
+             "-p", str(self.port), "-js", "-sd", str(self.folder / "store"),
+             "-l", str(self.log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, self.proc, "nats-server", self.log)
+
+    def stop(self):
+        _stop_process(self.proc)
+
+    def consume(self, *args):
+        proc = subprocess.run([nats_consume_binary(), self.address, *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (
+            f"nats_consume {' '.join(args)} exited with "
+            f"{proc.returncode}: {proc.stderr}")
+        return proc.stdout
+
+    def count(self, stream):
+        """Return the number of messages stored in `stream`."""
+        return int(self.consume(stream, "count"))
+
+    def messages(self, stream):
+        """Return every message in `stream` as dicts with seq, subject,
+        headers and data (the envelope, parsed)."""
+        messages = []
+        for line in self.consume(stream).splitlines():
+            message = json.loads(line)
+            message["data"] = json.loads(message["data"])
+            messages.append(message)
+        return messages
+
+
+# --- MQTT: a second mosquitto as the MQTT sink's external broker -----------
+
+class Mosquitto:
+    """A mosquitto on 127.0.0.1 with persistence in `folder`.
+
+    A stop with SIGTERM saves the messages queued for persistent sessions,
+    and start() loads them again, so a subscriber with a persistent
+    session misses nothing acknowledged across a restart. Queues are not
+    limited. `message_size_limit` caps a PUBLISH payload in bytes.
+    """
+
+    def __init__(self, folder, message_size_limit=None):
+        require("mosquitto", "mosquitto")
+        require("mosquitto_sub", "mosquitto-clients")
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log = folder / "mosquitto.log"
+        self.config = folder / "mosquitto.conf"
+        lines = [f"listener {self.port} 127.0.0.1",
+                 "allow_anonymous true",
+                 "persistence true",
+                 f"persistence_location {folder}/",
+                 "max_queued_messages 0",
+                 f"log_dest file {self.log}"]
+        if message_size_limit:
+            lines.append(f"message_size_limit {message_size_limit}")
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc = None
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, self.proc, "mosquitto", self.log)
+
+    def stop(self):
+        _stop_process(self.proc)
+
+    def subscribe(self, topic, out_path, client_id, probe_topic):
+        """Start mosquitto_sub with a persistent session (QoS 1, session
+        expiry 1 h) writing "topic TAB content type TAB user properties
+        TAB payload" lines to `out_path`; return its Popen once a probe
+        message on `probe_topic` (which `topic` must match) arrived. It
+        reconnects by itself after a broker restart."""
+        out = open(out_path, "ab")
+        proc = subprocess.Popen(
+            ["mosquitto_sub", "-V", "mqttv5", "-h", "127.0.0.1", "-p",
+             str(self.port), "-i", client_id, "-c", "-x", "3600", "-q",
+             "1", "-t", topic, "-F", "%t\t%C\t%P\t%p"],
+            stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            subprocess.run(
+                ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port),
+                 "-q", "1", "-t", probe_topic, "-m", "probe"],
+                capture_output=True, timeout=STOP_TIMEOUT_S)
+            if probe_topic in out_path.read_text():
+                return proc
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT_S)
+                raise AssertionError("mosquitto_sub did not subscribe")
+            time.sleep(0.2)
