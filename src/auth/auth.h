@@ -48,9 +48,13 @@ typedef struct registry_entry {
     int64_t created_ms;
     int64_t key_rotated_ms;     /* 0 when the key was never rotated */
     int64_t old_key_expires_ms; /* 0 when no previous key is in grace */
+    /* SHA-256 of the pinned client certificate (32 bytes), or NULL. */
+    const unsigned char *cert_fingerprint;
+    const char *jwt_alg; /* "RS256", "ES256", "EdDSA", "HS256" or NULL */
 } registry_entry_t;
 
 /* Opens (creating if needed) the registry at `path` and migrates its schema.
+ * A new file is created with mode 0600, because it stores HS256 secrets.
  * The folder of `path` must exist. Returns 0, ING_ENOMEM, or ING_EDB with a
  * message in `err`. */
 int registry_open(const char *path, registry_t **out, char *err,
@@ -78,6 +82,12 @@ int registry_device_set_enabled(registry_t *r, const char *id, int enabled);
  * fails. */
 int registry_device_rotate_key(registry_t *r, const char *id,
                                uint64_t grace_ms, char key[AUTH_KEY_LEN + 1]);
+
+/* Pins the device to the TLS client certificate whose DER encoding has the
+ * SHA-256 `fingerprint`, or removes the pin when `fingerprint` is NULL.
+ * Returns 0, ING_ENOTFOUND or ING_EDB. */
+int registry_device_set_cert(registry_t *r, const char *id,
+                             const unsigned char fingerprint[32]);
 
 /* --- Snapshot used by the running service --- */
 

@@ -4,6 +4,7 @@
 #ifndef INGESTD_AUTH_AUTH_INTERNAL_H
 #define INGESTD_AUTH_AUTH_INTERNAL_H
 
+#include <openssl/evp.h>
 #include <sqlite3.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -18,6 +19,68 @@
 /* How long a connection waits for another process's lock, in ms. The CLI
  * and the running service share the database. */
 #define AUTH_BUSY_TIMEOUT_MS 5000
+
+#define AUTH_FINGERPRINT_LEN 32 /* SHA-256 of a certificate's DER */
+#define AUTH_JWT_SECRET_LEN 32   /* random bytes of an HS256 secret */
+
+/* JWS algorithms a device can be pinned to. */
+enum auth_jwt_alg {
+    AUTH_JWT_ALG_NONE = 0, /* JWT not configured */
+    AUTH_JWT_ALG_RS256,
+    AUTH_JWT_ALG_ES256,
+    AUTH_JWT_ALG_EDDSA,
+    AUTH_JWT_ALG_HS256,
+};
+
+/* A device in a snapshot. Immutable while the snapshot lives, which owns
+ * `jwt_key` and `jwt_secret`. */
+struct snapshot_device {
+    char id[AUTH_DEVICE_ID_MAX + 1];
+    char type[AUTH_TYPE_MAX + 1];
+    int enabled;
+    int has_fingerprint;
+    uint8_t fingerprint[AUTH_FINGERPRINT_LEN];
+    enum auth_jwt_alg jwt_alg;
+    EVP_PKEY *jwt_key;   /* RS256, ES256 and EdDSA, else NULL */
+    uint8_t *jwt_secret; /* HS256, else NULL */
+    size_t jwt_secret_len;
+};
+
+struct snapshot;
+
+/* Takes a reference on the current snapshot, which stays valid and
+ * unchanged until auth_snapshot_release. */
+struct snapshot *auth_snapshot_acquire(auth_t *a);
+void auth_snapshot_release(struct snapshot *s);
+
+/* Finds a device by id in `s`. Returns NULL when no device has this id. */
+const struct snapshot_device *auth_snapshot_find(const struct snapshot *s,
+                                                 const char *id);
+
+/* Returns the JWS name of `alg` ("RS256"), or "none" for
+ * AUTH_JWT_ALG_NONE. */
+const char *auth_jwt_alg_name(enum auth_jwt_alg alg);
+
+/* Parses a JWS algorithm name. Returns AUTH_JWT_ALG_NONE for a name that
+ * is not one of RS256, ES256, EdDSA and HS256. */
+enum auth_jwt_alg auth_jwt_alg_parse(const char *name);
+
+/* Parses a PEM public key for `alg`, which must be RS256, ES256 or EdDSA,
+ * and checks that the key fits it: RSA of at least 2048 bits for RS256, EC
+ * on P-256 for ES256, Ed25519 for EdDSA. Returns the key, owned by the
+ * caller, or NULL with a reason in `err`. */
+EVP_PKEY *auth_jwt_key_parse(const char *pem, size_t len,
+                             enum auth_jwt_alg alg, char *err, size_t errlen);
+
+/* Encodes `len` bytes as base64url without padding (RFC 4648 section 5).
+ * `out` needs room for (len * 4 + 2) / 3 characters and the NUL. */
+void auth_base64url_encode(const uint8_t *in, size_t len, char *out);
+
+/* Decodes strict base64url: no padding, no white space, and the unused
+ * low bits of the last character must be zero. Writes at most `cap` bytes.
+ * Returns the decoded length, or -1 for invalid input or a small buffer. */
+long auth_base64url_decode(const char *in, size_t len, uint8_t *out,
+                           size_t cap);
 
 /* Returns 1 if `type` is a valid device type name: 1 to 64 characters from
  * [A-Za-z0-9_.-]. */

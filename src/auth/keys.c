@@ -16,9 +16,7 @@ _Static_assert(AUTH_KEY_PREFIX_LEN + (AUTH_KEY_RANDOM_LEN * 4 + 2) / 3 ==
 static const char base64url_alphabet[] =
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-/* Encodes `len` bytes as base64url without padding (RFC 4648 section 5).
- * `out` needs room for (len * 4 + 2) / 3 characters and the NUL. */
-static void encode_base64url(const uint8_t *in, size_t len, char *out)
+void auth_base64url_encode(const uint8_t *in, size_t len, char *out)
 {
     size_t i = 0;
     size_t n = 0;
@@ -42,6 +40,52 @@ static void encode_base64url(const uint8_t *in, size_t len, char *out)
         out[n++] = base64url_alphabet[(bits >> 6) & 0x3f];
     }
     out[n] = '\0';
+}
+
+static int base64url_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '-')
+        return 62;
+    if (c == '_')
+        return 63;
+    return -1;
+}
+
+long auth_base64url_decode(const char *in, size_t len, uint8_t *out,
+                           size_t cap)
+{
+    uint32_t bits = 0;
+    int nbits = 0;
+    size_t n = 0;
+
+    /* One leftover character carries only 6 bits, less than a byte. */
+    if (len % 4 == 1)
+        return -1;
+    for (size_t i = 0; i < len; i++) {
+        int v = base64url_value((unsigned char)in[i]);
+
+        if (v < 0)
+            return -1;
+        bits = (bits << 6) | (uint32_t)v;
+        nbits += 6;
+        if (nbits >= 8) {
+            nbits -= 8;
+            if (n == cap)
+                return -1;
+            out[n++] = (uint8_t)(bits >> nbits);
+        }
+    }
+    /* Nonzero padding bits would let two strings decode to the same
+     * bytes, so a canonical encoding is required. */
+    if ((bits & ((1u << nbits) - 1)) != 0)
+        return -1;
+    return (long)n;
 }
 
 static int is_name_char(char c)
@@ -97,7 +141,7 @@ int auth_key_generate(char key[AUTH_KEY_LEN + 1], uint8_t hash[AUTH_HASH_LEN])
     if (rc != 0)
         goto done;
     memcpy(key, AUTH_KEY_PREFIX, AUTH_KEY_PREFIX_LEN);
-    encode_base64url(random, sizeof(random), key + AUTH_KEY_PREFIX_LEN);
+    auth_base64url_encode(random, sizeof(random), key + AUTH_KEY_PREFIX_LEN);
     rc = auth_key_hash(key, AUTH_KEY_LEN, hash);
 
 done:

@@ -1,10 +1,12 @@
 /* Device registry changes made by the `ingestd device` commands. */
 #include <errno.h>
+#include <fcntl.h>
 #include <openssl/crypto.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "auth/auth.h"
 #include "auth/auth_internal.h"
@@ -78,6 +80,24 @@ static void enable_wal(sqlite3 *db, const char *path)
     sqlite3_finalize(stmt);
 }
 
+/* Creates `path` with mode 0600 when it does not exist yet. SQLite would
+ * create it with the umask, and the registry stores HS256 secrets. SQLite
+ * gives the -wal and -shm files the mode of the database file. */
+static int create_private_file(const char *path, char *err, size_t errlen)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+
+    if (fd >= 0) {
+        close(fd);
+        return 0;
+    }
+    if (errno == EEXIST)
+        return 0;
+    snprintf(err, errlen, "registry %s: create failed: %s", path,
+             strerror(errno));
+    return ING_EDB;
+}
+
 int registry_open(const char *path, registry_t **out, char *err, size_t errlen)
 {
     registry_t *r;
@@ -85,6 +105,8 @@ int registry_open(const char *path, registry_t **out, char *err, size_t errlen)
 
     *out = NULL;
     rc = check_parent_folder(path, err, errlen);
+    if (rc == 0)
+        rc = create_private_file(path, err, errlen);
     if (rc != 0)
         return rc;
     r = calloc(1, sizeof(*r));
@@ -170,8 +192,8 @@ int registry_device_list(registry_t *r,
 {
     static const char sql[] =
         "SELECT id, type, enabled, created_ms, key_rotated_ms,"
-        " old_key_hash IS NOT NULL, old_key_expires_ms"
-        " FROM devices ORDER BY id";
+        " old_key_hash IS NOT NULL, old_key_expires_ms, cert_fingerprint,"
+        " jwt_alg FROM devices ORDER BY id";
     sqlite3_stmt *stmt = NULL;
     int64_t now = auth_now_ms();
     int rc;
@@ -193,6 +215,10 @@ int registry_device_list(registry_t *r,
          * it is reported like no previous key. */
         if (sqlite3_column_int(stmt, 5) && sqlite3_column_int64(stmt, 6) > now)
             e.old_key_expires_ms = sqlite3_column_int64(stmt, 6);
+        e.cert_fingerprint = NULL;
+        if (sqlite3_column_bytes(stmt, 7) == AUTH_FINGERPRINT_LEN)
+            e.cert_fingerprint = sqlite3_column_blob(stmt, 7);
+        e.jwt_alg = (const char *)sqlite3_column_text(stmt, 8);
         if (e.id == NULL || e.type == NULL) {
             rc = query_failed(r, "list devices");
             goto done;
@@ -279,5 +305,34 @@ done:
     sqlite3_finalize(stmt);
     if (rc != 0)
         OPENSSL_cleanse(key, AUTH_KEY_LEN + 1);
+    return rc;
+}
+
+int registry_device_set_cert(registry_t *r, const char *id,
+                             const unsigned char fingerprint[32])
+{
+    static const char sql[] =
+        "UPDATE devices SET cert_fingerprint = ?1 WHERE id = ?2";
+    sqlite3_stmt *stmt = NULL;
+    int rc;
+
+    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
+        rc = query_failed(r, "set certificate");
+        goto done;
+    }
+    if (fingerprint != NULL)
+        sqlite3_bind_blob(stmt, 1, fingerprint, AUTH_FINGERPRINT_LEN,
+                          SQLITE_STATIC);
+    else
+        sqlite3_bind_null(stmt, 1);
+    sqlite3_bind_text(stmt, 2, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(stmt) != SQLITE_DONE) {
+        rc = query_failed(r, "set certificate");
+        goto done;
+    }
+    rc = sqlite3_changes(r->db) == 0 ? ING_ENOTFOUND : 0;
+
+done:
+    sqlite3_finalize(stmt);
     return rc;
 }

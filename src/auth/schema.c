@@ -23,6 +23,15 @@ static const char *const migrations[] = {
     " created_ms INTEGER,"
     " key_rotated_ms INTEGER"
     ")",
+    /* Version 2: credentials beyond API keys. cert_fingerprint pins a TLS
+     * client certificate by the SHA-256 of its DER encoding. jwt_alg names
+     * the one JWS algorithm the device may sign with, and jwt_public_key
+     * (PEM, for RS256, ES256 and EdDSA) or jwt_secret (raw bytes, for HS256)
+     * verifies it. Each is NULL when the method is not configured. */
+    "ALTER TABLE devices ADD COLUMN cert_fingerprint BLOB;"
+    "ALTER TABLE devices ADD COLUMN jwt_alg TEXT;"
+    "ALTER TABLE devices ADD COLUMN jwt_public_key TEXT;"
+    "ALTER TABLE devices ADD COLUMN jwt_secret BLOB",
 };
 
 #define MIGRATION_COUNT ((int)(sizeof(migrations) / sizeof(migrations[0])))

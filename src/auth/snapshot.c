@@ -20,12 +20,6 @@
 
 #define EMPTY_SLOT UINT32_MAX
 
-struct snapshot_device {
-    char id[AUTH_DEVICE_ID_MAX + 1];
-    char type[AUTH_TYPE_MAX + 1];
-    int enabled;
-};
-
 /* One slot of the key hash table. Both the current key and the previous
  * key of a device get a slot. */
 struct key_slot {
@@ -68,13 +62,21 @@ static void snapshot_free(struct snapshot *s)
 {
     if (s == NULL)
         return;
+    for (size_t d = 0; s->devices != NULL && d < s->device_count; d++) {
+        EVP_PKEY_free(s->devices[d].jwt_key);
+        if (s->devices[d].jwt_secret != NULL) {
+            OPENSSL_cleanse(s->devices[d].jwt_secret,
+                            s->devices[d].jwt_secret_len);
+            free(s->devices[d].jwt_secret);
+        }
+    }
     free(s->devices);
     free(s->slots);
     free(s->id_slots);
     free(s);
 }
 
-static struct snapshot *snapshot_acquire(auth_t *a)
+struct snapshot *auth_snapshot_acquire(auth_t *a)
 {
     struct snapshot *s;
 
@@ -85,7 +87,7 @@ static struct snapshot *snapshot_acquire(auth_t *a)
     return s;
 }
 
-static void snapshot_release(struct snapshot *s)
+void auth_snapshot_release(struct snapshot *s)
 {
     if (atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
         snapshot_free(s);
@@ -178,6 +180,61 @@ static int build_id_table(struct snapshot *s)
     return 0;
 }
 
+/* Copies the pinned certificate fingerprint and the JWT verification key
+ * of a row into `dev`. A JWT key that fails to parse, or does not fit its
+ * algorithm, is logged and left out, so the device keeps its other
+ * methods. */
+static void load_credentials(auth_t *a, sqlite3_stmt *stmt,
+                             struct snapshot_device *dev)
+{
+    const char *alg_name = (const char *)sqlite3_column_text(stmt, 7);
+    char quoted[512];
+    char err[160] = "";
+
+    if (sqlite3_column_type(stmt, 6) == SQLITE_BLOB &&
+        sqlite3_column_bytes(stmt, 6) == AUTH_FINGERPRINT_LEN) {
+        memcpy(dev->fingerprint, sqlite3_column_blob(stmt, 6),
+               AUTH_FINGERPRINT_LEN);
+        dev->has_fingerprint = 1;
+    }
+    if (alg_name == NULL)
+        return;
+    dev->jwt_alg = auth_jwt_alg_parse(alg_name);
+    if (dev->jwt_alg == AUTH_JWT_ALG_HS256) {
+        int len = sqlite3_column_bytes(stmt, 9);
+
+        if (sqlite3_column_type(stmt, 9) == SQLITE_BLOB && len > 0) {
+            dev->jwt_secret = malloc((size_t)len);
+            if (dev->jwt_secret != NULL) {
+                memcpy(dev->jwt_secret, sqlite3_column_blob(stmt, 9),
+                       (size_t)len);
+                dev->jwt_secret_len = (size_t)len;
+                return;
+            }
+            snprintf(err, sizeof(err), "out of memory");
+        } else {
+            snprintf(err, sizeof(err), "HS256 without a secret");
+        }
+    } else if (dev->jwt_alg != AUTH_JWT_ALG_NONE) {
+        const char *pem = (const char *)sqlite3_column_text(stmt, 8);
+
+        if (pem != NULL) {
+            dev->jwt_key = auth_jwt_key_parse(
+                pem, (size_t)sqlite3_column_bytes(stmt, 8), dev->jwt_alg, err,
+                sizeof(err));
+            if (dev->jwt_key != NULL)
+                return;
+        } else {
+            snprintf(err, sizeof(err), "no public key");
+        }
+    } else {
+        snprintf(err, sizeof(err), "unknown algorithm");
+    }
+    dev->jwt_alg = AUTH_JWT_ALG_NONE;
+    log_warn("registry JWT key skipped", "path=%s id=%s error=%s",
+             log_quote(quoted, sizeof(quoted), a->path), dev->id, err);
+}
+
 /* Copies one row into the next device of `s` and its keys into `list`.
  * Returns 0, 1 when the row is skipped, or ING_ENOMEM. */
 static int add_row(auth_t *a, sqlite3_stmt *stmt, struct snapshot *s,
@@ -216,6 +273,7 @@ static int add_row(auth_t *a, sqlite3_stmt *stmt, struct snapshot *s,
         if (rc != 0)
             return rc;
     }
+    load_credentials(a, stmt, dev);
     s->device_count++;
     return 0;
 }
@@ -253,7 +311,8 @@ static int snapshot_build(auth_t *a, struct snapshot **out)
 {
     static const char sql[] =
         "SELECT id, type, enabled, key_hash, old_key_hash,"
-        " old_key_expires_ms FROM devices";
+        " old_key_expires_ms, cert_fingerprint, jwt_alg, jwt_public_key,"
+        " jwt_secret FROM devices";
     struct key_list list = {0};
     struct snapshot *s = NULL;
     sqlite3_stmt *stmt = NULL;
@@ -344,7 +403,7 @@ static int reload_locked(auth_t *a)
     a->current = fresh;
     pthread_mutex_unlock(&a->current_lock);
     if (old != NULL)
-        snapshot_release(old);
+        auth_snapshot_release(old);
 
     /* Debug level, because the service logs each reload it triggers. */
     log_debug("registry loaded", "path=%s devices=%zu",
@@ -476,7 +535,7 @@ enum auth_result auth_check_key(auth_t *a, const char *key, size_t len,
     if (auth_key_hash(key, len, hash) != 0)
         return AUTH_UNKNOWN_KEY;
 
-    s = snapshot_acquire(a);
+    s = auth_snapshot_acquire(a);
     for (i = slot_start(hash, s->slot_mask); s->slots[i].device != EMPTY_SLOT;
          i = (i + 1) & s->slot_mask) {
         const struct key_slot *slot = &s->slots[i];
@@ -492,40 +551,49 @@ enum auth_result auth_check_key(auth_t *a, const char *key, size_t len,
         result = d->enabled ? AUTH_OK : AUTH_DISABLED;
         break;
     }
-    snapshot_release(s);
+    auth_snapshot_release(s);
     return result;
+}
+
+const struct snapshot_device *auth_snapshot_find(const struct snapshot *s,
+                                                 const char *id)
+{
+    for (size_t i = id_hash(id) & s->id_mask; s->id_slots[i] != EMPTY_SLOT;
+         i = (i + 1) & s->id_mask) {
+        const struct snapshot_device *d = &s->devices[s->id_slots[i]];
+
+        if (strcmp(d->id, id) == 0)
+            return d;
+    }
+    return NULL;
 }
 
 enum auth_result auth_lookup_device(auth_t *a, const char *id,
                                     auth_device_t *dev)
 {
     enum auth_result result = AUTH_UNKNOWN_DEVICE;
+    const struct snapshot_device *d;
     struct snapshot *s;
 
     if (!auth_device_id_valid(id))
         return AUTH_UNKNOWN_DEVICE;
-    s = snapshot_acquire(a);
-    for (size_t i = id_hash(id) & s->id_mask; s->id_slots[i] != EMPTY_SLOT;
-         i = (i + 1) & s->id_mask) {
-        const struct snapshot_device *d = &s->devices[s->id_slots[i]];
-
-        if (strcmp(d->id, id) != 0)
-            continue;
+    s = auth_snapshot_acquire(a);
+    d = auth_snapshot_find(s, id);
+    if (d != NULL) {
         memcpy(dev->id, d->id, sizeof(dev->id));
         memcpy(dev->type, d->type, sizeof(dev->type));
         result = d->enabled ? AUTH_OK : AUTH_DISABLED;
-        break;
     }
-    snapshot_release(s);
+    auth_snapshot_release(s);
     return result;
 }
 
 size_t auth_device_count(auth_t *a)
 {
-    struct snapshot *s = snapshot_acquire(a);
+    struct snapshot *s = auth_snapshot_acquire(a);
     size_t count = s->device_count;
 
-    snapshot_release(s);
+    auth_snapshot_release(s);
     return count;
 }
 
@@ -534,7 +602,7 @@ void auth_close(auth_t *a)
     if (a == NULL)
         return;
     if (a->current != NULL)
-        snapshot_release(a->current);
+        auth_snapshot_release(a->current);
     sqlite3_close(a->db);
     pthread_mutex_destroy(&a->current_lock);
     pthread_mutex_destroy(&a->reload_lock);

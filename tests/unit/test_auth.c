@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -311,7 +312,7 @@ static void registry_schema_and_wal(void **state)
         sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &stmt, NULL),
         SQLITE_OK);
     assert_int_equal(sqlite3_step(stmt), SQLITE_ROW);
-    assert_int_equal(sqlite3_column_int(stmt, 0), 1);
+    assert_int_equal(sqlite3_column_int(stmt, 0), 2);
     sqlite3_finalize(stmt);
 
     /* A database from a newer ingestd is rejected, not downgraded. */
@@ -650,6 +651,107 @@ static void auth_check_during_reloads(void **state)
     auth_close(a);
 }
 
+static void registry_file_mode_private(void **state)
+{
+    struct fixture *f = *state;
+    struct stat st;
+
+    assert_int_equal(stat(f->path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+}
+
+/* A version 1 database, written as the first ingestd release wrote it,
+ * gains the credential columns and keeps its devices and keys. */
+static void registry_migrates_version_1(void **state)
+{
+    struct fixture *f = *state;
+    char path[160];
+    char err[256] = "";
+    uint8_t hash[32] = {1};
+    registry_t *r = NULL;
+    sqlite3_stmt *stmt;
+    sqlite3 *db;
+
+    snprintf(path, sizeof(path), "%s/v1.db", f->dir);
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    assert_int_equal(
+        sqlite3_exec(db,
+                     "CREATE TABLE devices (id TEXT PRIMARY KEY,"
+                     " type TEXT NOT NULL, enabled INTEGER NOT NULL,"
+                     " key_hash BLOB NOT NULL UNIQUE, old_key_hash BLOB,"
+                     " old_key_expires_ms INTEGER, created_ms INTEGER,"
+                     " key_rotated_ms INTEGER);"
+                     "PRAGMA user_version = 1",
+                     NULL, NULL, NULL),
+        SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db,
+                                        "INSERT INTO devices VALUES ('old-1',"
+                                        " 'gps', 1, ?1, NULL, NULL, 0, 0)",
+                                        -1, &stmt, NULL),
+                     SQLITE_OK);
+    sqlite3_bind_blob(stmt, 1, hash, sizeof(hash), SQLITE_STATIC);
+    assert_int_equal(sqlite3_step(stmt), SQLITE_DONE);
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+
+    assert_int_equal(registry_open(path, &r, err, sizeof(err)), 0);
+    assert_int_equal(registry_device_set_cert(r, "old-1", hash), 0);
+    registry_close(r);
+    unlink(path);
+}
+
+static void certificate_check(void **state)
+{
+    struct fixture *f = *state;
+    unsigned char pin[32];
+    unsigned char other[32];
+    char key[AUTH_KEY_LEN + 1];
+    auth_failure_t why;
+    auth_device_t dev;
+    auth_t *a;
+
+    memset(pin, 0xab, sizeof(pin));
+    memset(other, 0xcd, sizeof(other));
+    assert_int_equal(registry_device_add(f->reg, "dev-1", "gps", key), 0);
+    a = open_auth(f);
+
+    /* Without a pin, any verified certificate naming the device works. */
+    memset(&dev, 0, sizeof(dev));
+    assert_int_equal(auth_check_certificate(a, "dev-1", other, &dev, &why),
+                     AUTH_OK);
+    assert_string_equal(dev.id, "dev-1");
+    assert_string_equal(dev.type, "gps");
+    assert_int_equal(auth_check_certificate(a, "dev-2", other, &dev, &why),
+                     AUTH_UNKNOWN_DEVICE);
+    assert_string_equal(why.reason, "unknown_device");
+    assert_int_equal(auth_check_certificate(a, "bad id", other, &dev, &why),
+                     AUTH_UNKNOWN_DEVICE);
+    assert_string_equal(why.reason, "unknown_device");
+
+    assert_int_equal(registry_device_set_cert(f->reg, "dev-1", pin), 0);
+    assert_int_equal(registry_device_set_cert(f->reg, "dev-9", pin),
+                     ING_ENOTFOUND);
+    assert_int_equal(auth_reload(a), 0);
+    assert_int_equal(auth_check_certificate(a, "dev-1", pin, &dev, &why),
+                     AUTH_OK);
+    assert_int_equal(auth_check_certificate(a, "dev-1", other, &dev, &why),
+                     AUTH_UNKNOWN_DEVICE);
+    assert_string_equal(why.reason, "fingerprint_mismatch");
+
+    assert_int_equal(registry_device_set_enabled(f->reg, "dev-1", 0), 0);
+    assert_int_equal(auth_reload(a), 0);
+    assert_int_equal(auth_check_certificate(a, "dev-1", pin, &dev, &why),
+                     AUTH_DISABLED);
+    assert_string_equal(why.reason, "disabled");
+
+    assert_int_equal(registry_device_set_enabled(f->reg, "dev-1", 1), 0);
+    assert_int_equal(registry_device_set_cert(f->reg, "dev-1", NULL), 0);
+    assert_int_equal(auth_reload(a), 0);
+    assert_int_equal(auth_check_certificate(a, "dev-1", other, &dev, &why),
+                     AUTH_OK);
+    auth_close(a);
+}
+
 #define FIXTURE_TEST(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
 int main(void)
@@ -674,6 +776,9 @@ int main(void)
         FIXTURE_TEST(auth_rotate_without_grace),
         FIXTURE_TEST(auth_reload_if_changed_sees_commit),
         FIXTURE_TEST(auth_check_during_reloads),
+        FIXTURE_TEST(registry_file_mode_private),
+        FIXTURE_TEST(registry_migrates_version_1),
+        FIXTURE_TEST(certificate_check),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
