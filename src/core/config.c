@@ -106,6 +106,20 @@ static const directive_t directives[] = {
      365 * MS_PER_D, "24h", NULL, 0},
     {"registry.reload_interval", TYPE_DURATION,
      CFG(registry.reload_interval_ms), 0, MS_PER_D, "2s", NULL, 0},
+    {"jwt.leeway", TYPE_DURATION, CFG(jwt.leeway_ms), 0, MS_PER_H, "30s",
+     NULL, 0},
+    {"jwt.max_lifetime", TYPE_DURATION, CFG(jwt.max_lifetime_ms), MS_PER_S,
+     365 * MS_PER_D, "24h", NULL, 0},
+    {"jwt.audience", TYPE_STRING, CFG(jwt.audience), 0, 0, "", NULL,
+     FLAG_EMPTY_DISABLES},
+    {"jwt.issuer", TYPE_STRING, CFG(jwt.issuer), 0, 0, "", NULL,
+     FLAG_EMPTY_DISABLES},
+    {"auth.max_failures_per_minute", TYPE_INT,
+     CFG(auth.max_failures_per_minute), 0, 1000000, "10", NULL, 0},
+    {"auth.block_duration", TYPE_DURATION, CFG(auth.block_duration_ms),
+     MS_PER_S, MS_PER_D, "60s", NULL, 0},
+    {"auth.guard_table_size", TYPE_INT, CFG(auth.guard_table_size), 16,
+     1000000, "4096", NULL, 0},
     {"http.listen", TYPE_LISTEN, CFG(http.listen), 0, 0, "127.0.0.1:8080", NULL,
      0},
     {"http.workers", TYPE_INT, CFG(http.workers), 0, 64, "0", NULL, 0},
@@ -1923,6 +1937,8 @@ void config_free(config_t *cfg)
     free(cfg->dir);
     free(cfg->data_dir);
     free(cfg->registry.path);
+    free(cfg->jwt.audience);
+    free(cfg->jwt.issuer);
     free(cfg->http.listen);
     free(cfg->admin.listen);
     free(cfg->mqtt.listen);

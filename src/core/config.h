@@ -134,6 +134,21 @@ typedef struct config {
     } registry;
 
     struct {
+        uint64_t leeway_ms;       /* clock skew allowed on exp, nbf, iat */
+        uint64_t max_lifetime_ms; /* cap on exp - iat, or exp - now */
+        char *audience;           /* required aud, or NULL: not checked */
+        char *issuer;             /* required iss, or NULL: not checked */
+    } jwt;
+
+    struct {
+        /* Failed authentications from one address within a minute before
+         * it is blocked; 0 turns the limit off. */
+        uint64_t max_failures_per_minute;
+        uint64_t block_duration_ms;
+        uint64_t guard_table_size; /* addresses tracked per instance */
+    } auth;
+
+    struct {
         char *listen; /* host:port */
         int workers;  /* 0 = one per core */
         uint64_t max_header_bytes;

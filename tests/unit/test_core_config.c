@@ -139,6 +139,13 @@ static void config_defaults(void **state)
     assert_string_equal(cfg->registry.path, path_in(fx, "data/registry.db"));
     assert_int_equal(cfg->registry.key_grace_ms, 24 * 3600 * 1000);
     assert_int_equal(cfg->registry.reload_interval_ms, 2000);
+    assert_int_equal(cfg->jwt.leeway_ms, 30000);
+    assert_int_equal(cfg->jwt.max_lifetime_ms, 24 * 3600 * 1000);
+    assert_null(cfg->jwt.audience);
+    assert_null(cfg->jwt.issuer);
+    assert_int_equal(cfg->auth.max_failures_per_minute, 10);
+    assert_int_equal(cfg->auth.block_duration_ms, 60000);
+    assert_int_equal(cfg->auth.guard_table_size, 4096);
     assert_string_equal(cfg->http.listen, "127.0.0.1:8080");
     assert_int_equal(cfg->http.workers, 0);
     assert_int_equal(cfg->http.max_header_bytes, 16 * 1024);
@@ -419,15 +426,15 @@ static void config_rejects_unknown_key(void **state)
                  "idle_timeout, max_connections, retry_after)");
     expect_error(fx, MINIMAL "lgo:\n  level: info\n",
                  "4: unknown key \"lgo\" (known keys: log, data_dir, "
-                 "registry, http, admin, ws, mqtt, spool, shutdown_timeout, "
-                 "sinks_drain_timeout, default_device_type, device_types, "
-                 "sinks, bridges)");
+                 "registry, jwt, auth, http, admin, ws, mqtt, spool, "
+                 "shutdown_timeout, sinks_drain_timeout, default_device_type, "
+                 "device_types, sinks, bridges)");
     /* A dotted key at the top level is not a shortcut for a section. */
     expect_error(fx, MINIMAL "http.listen: 127.0.0.1:80\n",
                  "4: unknown key \"http.listen\" (known keys: log, data_dir, "
-                 "registry, http, admin, ws, mqtt, spool, shutdown_timeout, "
-                 "sinks_drain_timeout, default_device_type, device_types, "
-                 "sinks, bridges)");
+                 "registry, jwt, auth, http, admin, ws, mqtt, spool, "
+                 "shutdown_timeout, sinks_drain_timeout, default_device_type, "
+                 "device_types, sinks, bridges)");
     expect_error(fx, MINIMAL "    shema: x.json\n",
                  "4: unknown key \"device_types.default.shema\" (known keys "
                  "in device_types.default: schema, schema_inline)");
