@@ -64,6 +64,7 @@ typedef struct mqtt_sink {
     pthread_cond_t cv;
     /* Under lock: state reported by libmosquitto's callbacks. */
     bool connected;
+    bool ever_connected; /* this client had a CONNACK with success */
     bool closing; /* mqtt_close started: a disconnect is expected */
     bool lost;    /* the connection dropped or a publish failed */
     int connect_reason; /* the last CONNACK reason code, for logs */
@@ -114,6 +115,7 @@ static void on_connect(struct mosquitto *mosq, void *obj, int reason,
 
     pthread_mutex_lock(&s->lock);
     s->connected = reason == 0;
+    s->ever_connected = s->ever_connected || reason == 0;
     s->connect_reason = reason;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->lock);
@@ -203,6 +205,9 @@ static int create_client(mqtt_sink_t *s)
 {
     int rc;
 
+    pthread_mutex_lock(&s->lock);
+    s->ever_connected = false;
+    pthread_mutex_unlock(&s->lock);
     s->mosq = mosquitto_new(s->client_id, true, s);
     if (s->mosq == NULL) {
         log_mosquitto_error(s, "creating the mqtt client failed",
@@ -517,6 +522,7 @@ static int mqtt_deliver(void *state, const spool_record_t *recs, size_t n,
     mqtt_sink_t *s = state;
     struct timespec deadline;
     size_t unacked = 0;
+    bool never_connected;
     bool lost = false;
     int rc;
 
@@ -524,6 +530,14 @@ static int mqtt_deliver(void *state, const spool_record_t *recs, size_t n,
         out[i].status = SINK_RECORD_RETRY;
         out[i].reason[0] = '\0';
     }
+    pthread_mutex_lock(&s->lock);
+    never_connected = !s->ever_connected;
+    pthread_mutex_unlock(&s->lock);
+    /* libmosquitto 2.0.11's network thread reconnects a client that was
+     * connected, but was seen not to retry a first connect that failed,
+     * so such a client is replaced for each batch. */
+    if (s->mosq != NULL && never_connected)
+        destroy_client(s);
     if (s->mosq == NULL && (rc = create_client(s)) < 0)
         return rc;
     if (!wait_connected(s))
