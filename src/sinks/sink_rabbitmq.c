@@ -814,6 +814,9 @@ static int rabbitmq_deliver(void *state, const spool_record_t *recs,
         goto error;
     r->first_tag = r->next_tag;
     r->published = 0;
+    /* NOTE: amqp_basic_publish writes with no deadline, so a broker that
+     * stops reading (a memory or disk alarm) holds this loop until the
+     * alarm clears. Only the confirm wait is bounded by the timeout. */
     for (size_t i = 0; i < n; i++) {
         if (!r->batch[i].published)
             continue;
