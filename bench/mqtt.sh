@@ -205,6 +205,23 @@ cpu_ticks() {
     awk '{ print $14 + $15 }' "/proc/$1/stat"
 }
 
+# Prints the busy CPU time of the whole machine in clock ticks: user,
+# nice, system, irq, softirq and steal from /proc/stat.
+busy_ticks() {
+    awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
+
+# Prints the CPU use of processes other than the server and the load
+# generator during a run, in percent of one core: the machine's busy time
+# from $1 ticks on, over $2 ms, minus the server's $3 % and the load
+# generator's $4 %. Anything above a few percent means that other work
+# shared the cores and the run is not comparable.
+other_pct() {
+    local busy
+    busy=$(cpu_pct $(($(busy_ticks) - $1)) "$2")
+    echo $((busy - $3 - $4 < 0 ? 0 : busy - $3 - $4))
+}
+
 now_ms() {
     date +%s%3N
 }
@@ -267,10 +284,10 @@ run_mqtt_load() {
 
 # ---- mosquitto reference --------------------------------------------------
 
-declare -A MOSQ_LINE MOSQ_CPU
+declare -A MOSQ_LINE MOSQ_CPU MOSQ_OTHER
 
 run_mosquitto() {
-    local dir=$TMP/mosquitto port pid v q c before start line
+    local dir=$TMP/mosquitto port pid v q c before start line busy elapsed
     mkdir -p "$dir"
     port=$(free_port)
     cat >"$dir/mosquitto.conf" <<EOF
@@ -305,12 +322,16 @@ EOF
         for q in $QOS_LEVELS; do
             for c in $CLIENTS; do
                 before=$(cpu_ticks "$pid")
+                busy=$(busy_ticks)
                 start=$(now_ms)
                 run_mqtt_load "$port" "$dir/creds" "$v" "$q" "$c" \
                     "mosq-$v-$q-$c"
                 line=$LOAD_LINE
+                elapsed=$(($(now_ms) - start))
                 MOSQ_CPU[$v,$q,$c]=$(cpu_pct $(($(cpu_ticks "$pid") - \
-                    before)) $(($(now_ms) - start)))
+                    before)) "$elapsed")
+                MOSQ_OTHER[$v,$q,$c]=$(other_pct "$busy" "$elapsed" \
+                    "${MOSQ_CPU[$v,$q,$c]}" "$(field "$line" cpu_pct)")
                 MOSQ_LINE[$v,$q,$c]=$line
                 echo "   mosquitto v$v qos$q c=$c: $line" >&2
             done
@@ -322,7 +343,8 @@ EOF
 
 # ---- ingestd --------------------------------------------------------------
 
-declare -A INGESTD_LINE INGESTD_CPU FSYNCS WS_LINE WS_CPU CHECK
+declare -A INGESTD_LINE INGESTD_CPU INGESTD_OTHER FSYNCS WS_LINE WS_CPU
+declare -A WS_OTHER CHECK
 
 write_ingestd_config() {
     local dir=$1 http=$2 admin=$3 mqtt=$4 mode=$5
@@ -410,7 +432,7 @@ wait_drained() {
 
 run_ingestd() {
     local mode=$1 dir=$TMP/ingestd-$1 http admin mqtt pid v q c line
-    local before fs_before start expected=0 run
+    local before fs_before start expected=0 run busy elapsed
     mkdir -p "$dir"
     http=$(free_port)
     admin=$(free_port)
@@ -434,11 +456,16 @@ run_ingestd() {
                 fs_before=$(metric_sum "$admin" \
                     ingestd_spool_fsync_seconds_count)
                 before=$(cpu_ticks "$pid")
+                busy=$(busy_ticks)
                 start=$(now_ms)
                 run_mqtt_load "$mqtt" "$dir/creds" "$v" "$q" "$c" "$run"
                 line=$LOAD_LINE
+                elapsed=$(($(now_ms) - start))
                 INGESTD_CPU[$mode,$v,$q,$c]=$(cpu_pct \
-                    $(($(cpu_ticks "$pid") - before)) $(($(now_ms) - start)))
+                    $(($(cpu_ticks "$pid") - before)) "$elapsed")
+                INGESTD_OTHER[$mode,$v,$q,$c]=$(other_pct "$busy" \
+                    "$elapsed" "${INGESTD_CPU[$mode,$v,$q,$c]}" \
+                    "$(field "$line" cpu_pct)")
                 FSYNCS[$mode,$v,$q,$c]=$(($(metric_sum "$admin" \
                     ingestd_spool_fsync_seconds_count) - fs_before))
                 INGESTD_LINE[$mode,$v,$q,$c]=$line
@@ -461,6 +488,7 @@ run_ingestd() {
         for c in $CLIENTS; do
             run="$mode-ws-$c"
             before=$(cpu_ticks "$pid")
+            busy=$(busy_ticks)
             start=$(now_ms)
             run_load WS_LOAD "$PY" "$ROOT/bench/ws_load.py" --port "$http" \
                 --credentials "$dir/creds" --connections "$c" \
@@ -468,8 +496,11 @@ run_ingestd() {
                 --window "$WINDOW" --processes "$WS_PROCESSES" \
                 --run "$run" --max-seconds "$MAX_SECONDS"
             line=$LOAD_LINE
+            elapsed=$(($(now_ms) - start))
             WS_CPU[$mode,$c]=$(cpu_pct $(($(cpu_ticks "$pid") - before)) \
-                $(($(now_ms) - start)))
+                "$elapsed")
+            WS_OTHER[$mode,$c]=$(other_pct "$busy" "$elapsed" \
+                "${WS_CPU[$mode,$c]}" "$(field "$line" cpu_pct)")
             WS_LINE[$mode,$c]=$line
             echo "   ingestd/$mode ws c=$c: $line" >&2
             echo "$run $(field "$line" acked) WebSocket acks" \
@@ -529,9 +560,9 @@ latency() {
 
 report_mqtt() {
     local mode v q c m i ratio fs per errors
-    printf '%-6s %-4s %-3s %5s %9s %9s %6s %13s %13s %7s %6s %11s\n' \
+    printf '%-6s %-4s %-3s %5s %9s %9s %6s %13s %13s %7s %6s %s\n' \
         durab ver qos cli mosq_mps ingd_mps ratio "mosq_p50/p99" \
-        "ingd_p50/p99" fsyncs per_fs "cpu_mosq/ingd/load"
+        "ingd_p50/p99" fsyncs per_fs "cpu mosq/load/other ingd/load/other"
     for mode in $MODES; do
         for v in $VERSIONS; do
             for q in $QOS_LEVELS; do
@@ -550,8 +581,12 @@ report_mqtt() {
                         "$mode" "$v" "$q" "$c" "$(field "$m" rate)" \
                         "$(field "$i" rate)" "$ratio" "$(latency "$m" "$q")" \
                         "$(latency "$i" "$q")"
-                    printf ' %7s %6s %11s\n' "$fs" "$per" \
-                        "${MOSQ_CPU[$v,$q,$c]}/${INGESTD_CPU[$mode,$v,$q,$c]}/$(field "$i" cpu_pct)"
+                    printf ' %7s %6s %s/%s/%s %s/%s/%s\n' "$fs" "$per" \
+                        "${MOSQ_CPU[$v,$q,$c]}" "$(field "$m" cpu_pct)" \
+                        "${MOSQ_OTHER[$v,$q,$c]}" \
+                        "${INGESTD_CPU[$mode,$v,$q,$c]}" \
+                        "$(field "$i" cpu_pct)" \
+                        "${INGESTD_OTHER[$mode,$v,$q,$c]}"
                     errors=$(($(field "$m" errors) + $(field "$m" rejected) + \
                         $(field "$i" errors) + $(field "$i" rejected)))
                     if [ "$errors" != 0 ]; then
@@ -565,20 +600,21 @@ report_mqtt() {
     done
     echo "mps = messages per second; latencies in ms from publish to PUBACK"
     echo "(QoS 1 only). ratio = ingestd / mosquitto. per_fs = messages per"
-    echo "fsync. cpu in % of one core: server / server / load generator."
+    echo "fsync. cpu in % of one core, for the mosquitto run and the ingestd"
+    echo "run: server / load generator / other processes on the machine."
 }
 
 report_ws() {
     local mode c w
-    printf '%-6s %5s %9s %15s %6s %9s\n' durab conns acks/s \
-        "ack_p50/p99" errors "cpu_ingd/load"
+    printf '%-6s %5s %9s %15s %6s %s\n' durab conns acks/s \
+        "ack_p50/p99" errors "cpu ingd/load/other"
     for mode in $MODES; do
         for c in $CLIENTS; do
             w=${WS_LINE[$mode,$c]}
-            printf '%-6s %5s %9.0f %15s %6s %9s\n' "$mode" "$c" \
+            printf '%-6s %5s %9.0f %15s %6s %s\n' "$mode" "$c" \
                 "$(field "$w" rate)" "$(latency "$w" 1)" \
                 $(($(field "$w" errors) + $(field "$w" rejected))) \
-                "${WS_CPU[$mode,$c]}/$(field "$w" cpu_pct)"
+                "${WS_CPU[$mode,$c]}/$(field "$w" cpu_pct)/${WS_OTHER[$mode,$c]}"
         done
     done
     echo "Latencies in ms from send to ack; ws_load.py with $WS_PROCESSES" \
@@ -591,6 +627,7 @@ report() {
     echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo |
         sed 's/.*: //')), shared by the servers and the load generators"
     echo "Spool folder on: $(findmnt -n -o FSTYPE -T "$TMP") ($TMP)"
+    echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "mqtt_load: $THREADS thread(s), window $WINDOW, $MESSAGES messages" \
         "per run. mosquitto acknowledges QoS 1 from memory, without fsync."
     echo
