@@ -14,6 +14,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #define AUTH_DEVICE_ID_MAX 128 /* bytes, without the NUL */
 #define AUTH_TYPE_MAX 64
@@ -89,6 +90,35 @@ int registry_device_rotate_key(registry_t *r, const char *id,
 int registry_device_set_cert(registry_t *r, const char *id,
                              const unsigned char fingerprint[32]);
 
+/* Length of an HS256 secret as printed: 32 random bytes in base64url. */
+#define AUTH_JWT_SECRET_TEXT_LEN 43
+
+/* Pins the device to JWT algorithm `alg` ("RS256", "ES256" or "EdDSA")
+ * with the PEM public key `pem`, replacing any JWT setting it had. The key
+ * must fit the algorithm: RSA of at least 2048 bits, EC on P-256 or
+ * Ed25519. Returns 0, ING_EINVAL with a message in `err`, ING_ENOTFOUND or
+ * ING_EDB. */
+int registry_device_set_jwt_key(registry_t *r, const char *id,
+                                const char *alg, const char *pem, char *err,
+                                size_t errlen);
+
+/* Gives the device a new random HS256 secret, replacing any JWT setting it
+ * had, and writes it in base64url into `secret`. The HMAC key is the 32
+ * decoded bytes. The registry stores the secret as it is, so the file must
+ * stay readable only by ingestd. Returns 0, ING_ENOTFOUND, ING_EDB, or
+ * ING_EIO when the random source fails. */
+int registry_device_new_jwt_secret(registry_t *r, const char *id,
+                                   char secret[AUTH_JWT_SECRET_TEXT_LEN + 1]);
+
+/* Removes the device's JWT algorithm, key and secret.
+ * Returns 0, ING_ENOTFOUND or ING_EDB. */
+int registry_device_clear_jwt(registry_t *r, const char *id);
+
+/* Calls `fn` for the device `id`. Returns 0, ING_ENOTFOUND or ING_EDB. */
+int registry_device_get(registry_t *r, const char *id,
+                        void (*fn)(const registry_entry_t *e, void *arg),
+                        void *arg);
+
 /* --- Snapshot used by the running service --- */
 
 typedef struct auth auth_t;
@@ -142,7 +172,10 @@ typedef struct auth_failure {
  * must match the credential's device. On success fills `dev`, stores the
  * method in `*method` and, for a JWT, its expiry (Unix seconds, 0 if none)
  * in `*expires_at`. Returns AUTH_OK, AUTH_UNKNOWN_KEY (any invalid
- * credential; `why` says which check failed) or AUTH_DISABLED. */
+ * credential; `why` says which check failed) or AUTH_DISABLED.
+ * `method`, `expires_at` and `why` may be NULL. Counts the outcome in
+ * ingestd_auth_results_total. Thread-safe. See docs/authentication.md for
+ * the JWT rules. */
 enum auth_result auth_check_credential(auth_t *a, const char *cred,
                                        size_t len, const char *claimed_id,
                                        auth_device_t *dev,
@@ -160,6 +193,52 @@ enum auth_result auth_check_certificate(auth_t *a, const char *device_id,
                                         const unsigned char fingerprint[32],
                                         auth_device_t *dev,
                                         auth_failure_t *why);
+
+/* Longest credential auth_check_credential accepts, in bytes. */
+#define AUTH_CREDENTIAL_MAX 8192
+
+/* JWT rules and failed-authentication limits, from the jwt.* and auth.*
+ * configuration keys. */
+typedef struct auth_options {
+    int64_t jwt_leeway_s;       /* clock skew allowed on exp, nbf and iat */
+    int64_t jwt_max_lifetime_s; /* cap on exp - iat, or exp - now */
+    const char *jwt_audience;   /* required aud, or NULL */
+    const char *jwt_issuer;     /* required iss, or NULL */
+    uint64_t max_failures_per_minute; /* per address; 0 turns it off */
+    uint64_t block_duration_ms;
+    size_t guard_table_size; /* addresses tracked, at least 16 */
+} auth_options_t;
+
+/* Applies `opts` (copied). Call it after auth_open and before any check:
+ * it is not synchronized with running checks. Until then auth_open's
+ * defaults apply: leeway 30 s, lifetime 24 h, no aud or iss check, 10
+ * failures a minute, 60 s blocks, 4096 addresses.
+ * Returns 0 or ING_ENOMEM. */
+int auth_set_options(auth_t *a, const auth_options_t *opts);
+
+/* --- Failed-authentication limits per source address ---
+ *
+ * Failures are counted per address (IPv4 /32, IPv6 /64 prefix; an
+ * IPv4-mapped IPv6 address counts as its IPv4 address) in a table shared
+ * by all workers of this process, so the limits hold per instance. The
+ * count restarts one minute after an address's first counted failure.
+ * When it reaches max_failures_per_minute, the address is blocked for
+ * block_duration. A success does not clear the count, so that a client
+ * holding one valid credential cannot interleave it to keep guessing. When
+ * the table is full, the address seen least recently is forgotten. */
+
+/* Returns 0 when `addr` may try to authenticate, or the seconds left of
+ * its block (at least 1), counting ingestd_auth_blocked_total. Adapters
+ * call it before checking a credential and reject a blocked address
+ * without checking it. Thread-safe. */
+uint64_t auth_guard_check(auth_t *a, const struct sockaddr *addr);
+
+/* Counts a failed authentication from `addr`, blocking the address when it
+ * reaches the limit. Thread-safe. */
+void auth_guard_failed(auth_t *a, const struct sockaddr *addr);
+
+/* Number of addresses the guard table tracks now. */
+size_t auth_guard_entries(auth_t *a);
 
 /* Number of devices in the current snapshot. */
 size_t auth_device_count(auth_t *a);

@@ -5,6 +5,7 @@
 #define INGESTD_AUTH_AUTH_INTERNAL_H
 
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -81,6 +82,51 @@ void auth_base64url_encode(const uint8_t *in, size_t len, char *out);
  * Returns the decoded length, or -1 for invalid input or a small buffer. */
 long auth_base64url_decode(const char *in, size_t len, uint8_t *out,
                            size_t cap);
+
+#define AUTH_DEFAULT_LEEWAY_S 30
+#define AUTH_DEFAULT_MAX_LIFETIME_S (24 * 3600)
+#define AUTH_DEFAULT_MAX_FAILURES 10
+#define AUTH_DEFAULT_BLOCK_MS 60000
+#define AUTH_DEFAULT_GUARD_SIZE 4096
+
+/* JWT claim rules, set by auth_set_options. */
+struct auth_jwt_rules {
+    int64_t leeway_s;
+    int64_t max_lifetime_s;
+    char *audience; /* NULL: aud not checked */
+    char *issuer;   /* NULL: iss not checked */
+};
+
+struct auth_guard;
+
+struct auth {
+    /* Guards only the `current` pointer and taking a reference on it. */
+    pthread_mutex_t current_lock;
+    struct snapshot *current;
+    /* Serializes reloads, which share the one SQLite connection. */
+    pthread_mutex_t reload_lock;
+    sqlite3 *db;
+    char *path;
+    int64_t data_version; /* PRAGMA data_version at the last load */
+    struct auth_jwt_rules jwt;
+    struct auth_guard *guard;
+};
+
+/* Creates a failed-authentication table for `size` addresses (at least
+ * 16). Returns NULL when out of memory. */
+struct auth_guard *auth_guard_create(uint64_t max_failures,
+                                     uint64_t block_ms, size_t size);
+void auth_guard_destroy(struct auth_guard *g);
+
+/* Verifies the JWT `token` of `len` bytes (at most AUTH_CREDENTIAL_MAX)
+ * for auth_check_credential, with the same arguments and results. */
+enum auth_result auth_jwt_check(auth_t *a, const char *token, size_t len,
+                                const char *claimed_id, auth_device_t *dev,
+                                int64_t *expires_at, auth_failure_t *why);
+
+/* Records why a check failed. `why` may be NULL. */
+void auth_set_failure(auth_failure_t *why, const char *reason,
+                      const char *detail);
 
 /* Returns 1 if `type` is a valid device type name: 1 to 64 characters from
  * [A-Za-z0-9_.-]. */

@@ -11,7 +11,11 @@
 #include "auth/auth.h"
 #include "auth/auth_internal.h"
 #include "core/errors.h"
+#include "core/ids.h"
 #include "core/log.h"
+
+_Static_assert((AUTH_JWT_SECRET_LEN * 4 + 2) / 3 == AUTH_JWT_SECRET_TEXT_LEN,
+               "AUTH_JWT_SECRET_TEXT_LEN must match the encoded secret");
 
 struct registry {
     sqlite3 *db;
@@ -186,22 +190,21 @@ done:
     return rc;
 }
 
-int registry_device_list(registry_t *r,
-                         void (*fn)(const registry_entry_t *e, void *arg),
-                         void *arg)
+#define ENTRY_COLUMNS                                                          \
+    "SELECT id, type, enabled, created_ms, key_rotated_ms,"                    \
+    " old_key_hash IS NOT NULL, old_key_expires_ms, cert_fingerprint,"         \
+    " jwt_alg FROM devices"
+
+/* Calls `fn` for each row of `stmt`, a query on ENTRY_COLUMNS. Returns the
+ * number of rows, or ING_EDB. */
+static int for_each_entry(registry_t *r, sqlite3_stmt *stmt,
+                          void (*fn)(const registry_entry_t *e, void *arg),
+                          void *arg)
 {
-    static const char sql[] =
-        "SELECT id, type, enabled, created_ms, key_rotated_ms,"
-        " old_key_hash IS NOT NULL, old_key_expires_ms, cert_fingerprint,"
-        " jwt_alg FROM devices ORDER BY id";
-    sqlite3_stmt *stmt = NULL;
     int64_t now = auth_now_ms();
+    int rows = 0;
     int rc;
 
-    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
-        rc = query_failed(r, "list devices");
-        goto done;
-    }
     while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
         registry_entry_t e;
 
@@ -219,16 +222,55 @@ int registry_device_list(registry_t *r,
         if (sqlite3_column_bytes(stmt, 7) == AUTH_FINGERPRINT_LEN)
             e.cert_fingerprint = sqlite3_column_blob(stmt, 7);
         e.jwt_alg = (const char *)sqlite3_column_text(stmt, 8);
-        if (e.id == NULL || e.type == NULL) {
-            rc = query_failed(r, "list devices");
-            goto done;
-        }
+        if (e.id == NULL || e.type == NULL)
+            return query_failed(r, "read devices");
         fn(&e, arg);
+        rows++;
     }
-    if (rc == SQLITE_DONE)
-        rc = 0;
-    else
+    if (rc != SQLITE_DONE)
+        return query_failed(r, "read devices");
+    return rows;
+}
+
+int registry_device_list(registry_t *r,
+                         void (*fn)(const registry_entry_t *e, void *arg),
+                         void *arg)
+{
+    static const char sql[] = ENTRY_COLUMNS " ORDER BY id";
+    sqlite3_stmt *stmt = NULL;
+    int rc;
+
+    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
         rc = query_failed(r, "list devices");
+        goto done;
+    }
+    rc = for_each_entry(r, stmt, fn, arg);
+    if (rc > 0)
+        rc = 0;
+
+done:
+    sqlite3_finalize(stmt);
+    return rc;
+}
+
+int registry_device_get(registry_t *r, const char *id,
+                        void (*fn)(const registry_entry_t *e, void *arg),
+                        void *arg)
+{
+    static const char sql[] = ENTRY_COLUMNS " WHERE id = ?1";
+    sqlite3_stmt *stmt = NULL;
+    int rc;
+
+    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
+        rc = query_failed(r, "get device");
+        goto done;
+    }
+    sqlite3_bind_text(stmt, 1, id, -1, SQLITE_STATIC);
+    rc = for_each_entry(r, stmt, fn, arg);
+    if (rc == 0)
+        rc = ING_ENOTFOUND;
+    else if (rc > 0)
+        rc = 0;
 
 done:
     sqlite3_finalize(stmt);
@@ -335,4 +377,84 @@ int registry_device_set_cert(registry_t *r, const char *id,
 done:
     sqlite3_finalize(stmt);
     return rc;
+}
+
+/* Runs an UPDATE of the JWT columns: ?1 alg, ?2 public key, ?3 secret,
+ * ?4 id. A NULL value clears its column. */
+static int update_jwt(registry_t *r, const char *id, const char *alg,
+                      const char *pem, const uint8_t *secret,
+                      size_t secret_len)
+{
+    static const char sql[] =
+        "UPDATE devices SET jwt_alg = ?1, jwt_public_key = ?2,"
+        " jwt_secret = ?3 WHERE id = ?4";
+    sqlite3_stmt *stmt = NULL;
+    int rc;
+
+    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
+        rc = query_failed(r, "set JWT");
+        goto done;
+    }
+    sqlite3_bind_text(stmt, 1, alg, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 2, pem, -1, SQLITE_STATIC);
+    if (secret != NULL)
+        sqlite3_bind_blob(stmt, 3, secret, (int)secret_len, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(stmt, 3);
+    sqlite3_bind_text(stmt, 4, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(stmt) != SQLITE_DONE) {
+        rc = query_failed(r, "set JWT");
+        goto done;
+    }
+    rc = sqlite3_changes(r->db) == 0 ? ING_ENOTFOUND : 0;
+
+done:
+    sqlite3_finalize(stmt);
+    return rc;
+}
+
+int registry_device_set_jwt_key(registry_t *r, const char *id,
+                                const char *alg, const char *pem, char *err,
+                                size_t errlen)
+{
+    enum auth_jwt_alg parsed = auth_jwt_alg_parse(alg);
+    EVP_PKEY *key;
+
+    if (parsed == AUTH_JWT_ALG_NONE || parsed == AUTH_JWT_ALG_HS256) {
+        snprintf(err, errlen,
+                 "invalid algorithm \"%s\": expected RS256, ES256 or EdDSA "
+                 "(HS256 takes a secret from new-jwt-secret)",
+                 alg);
+        return ING_EINVAL;
+    }
+    /* The key is checked here so that a bad file fails the command instead
+     * of being skipped at the next reload. */
+    key = auth_jwt_key_parse(pem, strlen(pem), parsed, err, errlen);
+    if (key == NULL)
+        return ING_EINVAL;
+    EVP_PKEY_free(key);
+    return update_jwt(r, id, auth_jwt_alg_name(parsed), pem, NULL, 0);
+}
+
+int registry_device_new_jwt_secret(registry_t *r, const char *id,
+                                   char secret[AUTH_JWT_SECRET_TEXT_LEN + 1])
+{
+    uint8_t raw[AUTH_JWT_SECRET_LEN];
+    int rc;
+
+    rc = ids_random_bytes(raw, sizeof(raw));
+    if (rc != 0)
+        goto done;
+    rc = update_jwt(r, id, "HS256", NULL, raw, sizeof(raw));
+    if (rc == 0)
+        auth_base64url_encode(raw, sizeof(raw), secret);
+
+done:
+    OPENSSL_cleanse(raw, sizeof(raw));
+    return rc;
+}
+
+int registry_device_clear_jwt(registry_t *r, const char *id)
+{
+    return update_jwt(r, id, NULL, NULL, NULL, 0);
 }

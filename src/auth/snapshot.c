@@ -40,17 +40,6 @@ struct snapshot {
     uint32_t *id_slots;
 };
 
-struct auth {
-    /* Guards only the `current` pointer and taking a reference on it. */
-    pthread_mutex_t current_lock;
-    struct snapshot *current;
-    /* Serializes reloads, which share the one SQLite connection. */
-    pthread_mutex_t reload_lock;
-    sqlite3 *db;
-    char *path;
-    int64_t data_version; /* PRAGMA data_version at the last load */
-};
-
 /* Keys collected while reading rows, before the table size is known. */
 struct key_list {
     struct key_slot *keys;
@@ -461,8 +450,13 @@ int auth_open(const char *path, auth_t **out, char *err, size_t errlen)
         return ING_ENOMEM;
     pthread_mutex_init(&a->current_lock, NULL);
     pthread_mutex_init(&a->reload_lock, NULL);
+    a->jwt.leeway_s = AUTH_DEFAULT_LEEWAY_S;
+    a->jwt.max_lifetime_s = AUTH_DEFAULT_MAX_LIFETIME_S;
     a->path = strdup(path);
-    if (a->path == NULL) {
+    a->guard = auth_guard_create(AUTH_DEFAULT_MAX_FAILURES,
+                                 AUTH_DEFAULT_BLOCK_MS,
+                                 AUTH_DEFAULT_GUARD_SIZE);
+    if (a->path == NULL || a->guard == NULL) {
         rc = ING_ENOMEM;
         goto error;
     }
@@ -606,6 +600,9 @@ void auth_close(auth_t *a)
     sqlite3_close(a->db);
     pthread_mutex_destroy(&a->current_lock);
     pthread_mutex_destroy(&a->reload_lock);
+    auth_guard_destroy(a->guard);
+    free(a->jwt.audience);
+    free(a->jwt.issuer);
     free(a->path);
     free(a);
 }
