@@ -4,9 +4,9 @@
  * libmosquitto's network thread (mosquitto_loop_start) connects, sends
  * keepalives and reconnects, so the connected gauge follows the broker
  * also while no batch is in flight. deliver() publishes a batch and waits
- * on a condition variable until on_publish reported every message: at
- * QoS 1 that is the broker's PUBACK, at QoS 0 only that the message was
- * written to the socket, so QoS 0 can lose records.
+ * on a condition variable until on_publish reported every message. At
+ * QoS 1 the report is the broker's PUBACK. At QoS 0 it only means that the
+ * message was written to the socket, so QoS 0 can lose records.
  *
  * The session starts clean. A batch that ends with messages not
  * acknowledged (timeout, lost connection) replaces the client, so those
@@ -36,7 +36,7 @@
 #define KEEPALIVE_S 60
 #define RECONNECT_DELAY_MIN_S 1
 #define RECONNECT_DELAY_MAX_S 10
-/* Longest wait for the connection before a batch is retried later, so a
+/* Maximum wait for the connection before a batch is retried later, so a
  * stop during an outage does not wait for the whole timeout. */
 #define CONNECT_WAIT_MS 5000
 /* Packet ids are 16 bits and libmosquitto counts them up, wrapping after

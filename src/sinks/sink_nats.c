@@ -38,7 +38,7 @@
  * once. It covers a retry after a lost PubAck and a restart after a crash,
  * and matches the JetStream default. */
 #define DUPLICATE_WINDOW_NS (2 * 60 * INT64_C(1000000000))
-/* Longest wait for a lost connection to come back before a batch is
+/* Maximum wait for a lost connection to come back before a batch is
  * retried later, so that a stop during an outage does not wait for the
  * whole timeout. */
 #define RECONNECT_WAIT_MS 5000

@@ -3,7 +3,7 @@
 Readings sent over HTTP and MQTT must arrive at a subscriber of the
 external broker with their topic, content type and message_id user
 property. Restarting the broker under load, or SIGKILLing ingestd while
-it forwards, must lose no acknowledged reading: the subscriber holds a
+it forwards, must lose no acknowledged reading: the subscriber has a
 persistent session and the broker persists its queues on SIGTERM, so
 every acknowledged message id arrives. Duplicates are counted and
 printed. A record the broker rejects for good goes to the dead-letter

@@ -123,7 +123,7 @@ def test_nats_sigkill_while_forwarding(tmp_path):
         server.start()
         seen = wait_for_ids(lambda: stream_ids(nats), load.acked)
         # The records sent again after the restart carry the same
-        # Nats-Msg-Id within the 2 minute window, so the stream holds
+        # Nats-Msg-Id within the 2 minute window, so the stream stores
         # each once.
         assert report_duplicates(seen, "sigkill") == 0
     finally:
