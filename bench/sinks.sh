@@ -41,7 +41,8 @@ if [ -z "${BUILD:-}" ]; then
     BUILD=$ROOT/build-bench
     echo "== building ingestd in $BUILD" >&2
     cmake -S "$ROOT" -B "$BUILD" -DWITH_TESTS=OFF >/dev/null
-    cmake --build "$BUILD" --target ingestd -j "$(nproc)" >/dev/null
+    cmake --build "$BUILD" --target ingestd nats_consume -j "$(nproc)" \
+        >/dev/null
 fi
 export INGESTD_BIN=$BUILD/ingestd
 if [ ! -x "$INGESTD_BIN" ]; then
