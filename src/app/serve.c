@@ -20,6 +20,7 @@
 #include "core/metrics.h"
 #include "http/http.h"
 #include "mqtt/mqtt.h"
+#include "net/tls.h"
 #include "pipeline/pipeline.h"
 #include "sinks/sink.h"
 #include "spool/spool.h"
@@ -41,6 +42,7 @@ typedef struct worker {
     uv_timer_t drain_timer;
     pipeline_loop_t *pl;
     http_listener_t *listener;
+    http_listener_t *https; /* NULL unless https.listen is set */
     mqtt_listener_t *mqtt;
     _Atomic int command;
     /* Guards `control` against uv_async_send after the worker closed it:
@@ -60,6 +62,8 @@ struct server {
     pipeline_t *pipeline;
     sinks_t *sinks;
     bridges_t *bridges;
+    tls_server_t *https_tls; /* contexts of https.listen, or NULL */
+    tls_server_t *mqtts_tls; /* contexts of mqtts.listen, or NULL */
     worker_t *workers;
     int worker_count;
 
@@ -106,12 +110,18 @@ static void on_drain_check(uv_timer_t *t)
             http_listener_close(w->listener);
             w->listener = NULL;
         }
+        if (w->https != NULL) {
+            http_listener_close(w->https);
+            w->https = NULL;
+        }
         if (w->mqtt != NULL) {
             mqtt_listener_close(w->mqtt);
             w->mqtt = NULL;
         }
     }
     if (w->listener != NULL && http_listener_connections(w->listener) > 0)
+        return;
+    if (w->https != NULL && http_listener_connections(w->https) > 0)
         return;
     if (w->mqtt != NULL && mqtt_listener_connections(w->mqtt) > 0)
         return;
@@ -120,6 +130,10 @@ static void on_drain_check(uv_timer_t *t)
     if (w->listener != NULL) {
         http_listener_close(w->listener);
         w->listener = NULL;
+    }
+    if (w->https != NULL) {
+        http_listener_close(w->https);
+        w->https = NULL;
     }
     if (w->mqtt != NULL) {
         mqtt_listener_close(w->mqtt);
@@ -141,10 +155,39 @@ static void on_worker_control(uv_async_t *a)
         w->handled_command = WORKER_DRAIN;
         if (w->listener != NULL)
             http_listener_drain(w->listener);
+        if (w->https != NULL)
+            http_listener_drain(w->https);
         if (w->mqtt != NULL)
             mqtt_listener_drain(w->mqtt);
         uv_timer_start(&w->drain_timer, on_drain_check, 0, DRAIN_CHECK_MS);
     }
+}
+
+/* Starts https.listen and mqtts.listen on the worker's loop when they
+ * are set. On failure closes every listener of the worker. */
+static int start_tls_listeners(worker_t *w)
+{
+    server_t *s = w->server;
+    int rc = 0;
+
+    if (s->https_tls != NULL)
+        rc = http_https_start(&w->loop, s->cfg, s->auth, w->pl, s->https_tls,
+                              &w->https, w->start_err,
+                              sizeof(w->start_err));
+    if (rc == 0 && s->mqtts_tls != NULL)
+        rc = mqtt_listener_start_tls(w->mqtt, s->mqtts_tls, w->start_err,
+                                     sizeof(w->start_err));
+    if (rc == 0)
+        return 0;
+    if (w->https != NULL) {
+        http_listener_close(w->https);
+        w->https = NULL;
+    }
+    http_listener_close(w->listener);
+    w->listener = NULL;
+    mqtt_listener_close(w->mqtt);
+    w->mqtt = NULL;
+    return rc;
 }
 
 static void *worker_main(void *arg)
@@ -181,6 +224,8 @@ static void *worker_main(void *arg)
             w->listener = NULL;
         }
     }
+    if (w->start_rc == 0)
+        w->start_rc = start_tls_listeners(w);
     uv_sem_post(&w->started);
     if (w->start_rc != 0) {
         /* The main thread stops every worker; wait for that command. */
@@ -309,6 +354,27 @@ static void on_join_work(uv_work_t *req)
     join_workers(req->data);
 }
 
+/* Loads the TLS certificates, key, CAs and CRL again for new
+ * connections. Open connections keep the context they started with. */
+static void reload_tls(server_t *s)
+{
+    tls_server_t *servers[] = {s->https_tls, s->mqtts_tls};
+    char err[512];
+
+    for (size_t i = 0; i < sizeof(servers) / sizeof(servers[0]); i++) {
+        if (servers[i] == NULL)
+            continue;
+        if (tls_server_reload(servers[i], err, sizeof(err)) == 0)
+            log_info("tls certificates reloaded on SIGHUP", "listener=%s",
+                     tls_server_name(servers[i]));
+        else
+            log_error("tls reload on SIGHUP failed; the previous "
+                      "certificates stay in use",
+                      "listener=%s error=\"%s\"",
+                      tls_server_name(servers[i]), err);
+    }
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
     server_t *s = h->data;
@@ -320,6 +386,7 @@ static void on_signal(uv_signal_t *h, int signum)
         else
             log_error("registry reload on SIGHUP failed", "path=%s",
                       s->cfg->registry.path);
+        reload_tls(s);
         return;
     }
     if (atomic_exchange(&s->draining, 1)) {
@@ -462,6 +529,21 @@ static int start_storage(server_t *s, char *err, size_t errlen)
                          errlen);
 }
 
+/* Loads the TLS contexts of the listeners that are on, so that a bad
+ * certificate stops the start before anything listens. */
+static int create_tls(server_t *s, char *err, size_t errlen)
+{
+    int rc = 0;
+
+    if (s->cfg->https.listen != NULL)
+        rc = tls_server_create(s->cfg, s->auth, "https", "http/1.1",
+                               &s->https_tls, err, errlen);
+    if (rc == 0 && s->cfg->mqtts.listen != NULL)
+        rc = tls_server_create(s->cfg, s->auth, "mqtts", "mqtt",
+                               &s->mqtts_tls, err, errlen);
+    return rc;
+}
+
 static int start_workers(server_t *s, char *err, size_t errlen)
 {
     s->worker_count = resolve_workers(s->cfg);
@@ -501,6 +583,9 @@ static void stop_everything(server_t *s)
         spool_close(s->spool);
     if (s->auth != NULL)
         auth_close(s->auth);
+    tls_server_free(s->https_tls);
+    tls_server_free(s->mqtts_tls);
+    s->https_tls = s->mqtts_tls = NULL;
     the_server = NULL;
 }
 
@@ -540,6 +625,8 @@ int app_serve(const char *config_path)
     s->main_loop = uv_default_loop();
 
     rc = open_auth(s, err, sizeof(err));
+    if (rc == 0)
+        rc = create_tls(s, err, sizeof(err));
     if (rc == 0)
         rc = start_storage(s, err, sizeof(err));
     if (rc == 0) {
@@ -608,6 +695,13 @@ int app_check_config(const char *config_path)
         return 2;
     }
     pipeline_destroy(p);
+    /* Reading the certificate and key here catches a key that does not
+     * match, or a file the service cannot read, before a restart. */
+    if (tls_check_config(cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "ingestd: %s: %s\n", config_path, err);
+        config_free(cfg);
+        return 2;
+    }
     printf("%s: OK (listen %s, %zu device types, %zu sinks, data in %s)\n",
            config_path, cfg->http.listen, cfg->device_type_count,
            cfg->sink_count, cfg->data_dir);

@@ -75,6 +75,10 @@ static const char *const sink_kinds[] = {"file", "kafka",    "redis",
 static const char *const redis_modes[] = {"stream", "pubsub", NULL};
 static const char *const compressions[] = {"none", "gzip", "snappy", "lz4",
                                            "zstd", NULL};
+static const char *const tls_client_auths[] = {"none", "optional", "required",
+                                               NULL};
+static const char *const tls_identities[] = {"cn", "san_uri", "san_dns",
+                                             NULL};
 
 /* An enum directive stores the index of the name it matched. */
 _Static_assert(LOG_LEVEL_DEBUG == 0 && LOG_LEVEL_INFO == 1 &&
@@ -90,6 +94,14 @@ _Static_assert(CONFIG_REDIS_STREAM == 0 && CONFIG_REDIS_PUBSUB == 1,
                "redis_modes[] must follow enum config_redis_mode");
 _Static_assert(CONFIG_COMPRESSION_NONE == 0 && CONFIG_COMPRESSION_ZSTD == 4,
                "compressions[] must follow enum config_compression");
+_Static_assert(CONFIG_TLS_CLIENT_AUTH_NONE == 0 &&
+                   CONFIG_TLS_CLIENT_AUTH_OPTIONAL == 1 &&
+                   CONFIG_TLS_CLIENT_AUTH_REQUIRED == 2,
+               "tls_client_auths[] must follow enum config_tls_client_auth");
+_Static_assert(CONFIG_TLS_IDENTITY_CN == 0 &&
+                   CONFIG_TLS_IDENTITY_SAN_URI == 1 &&
+                   CONFIG_TLS_IDENTITY_SAN_DNS == 2,
+               "tls_identities[] must follow enum config_tls_identity");
 
 #define CFG(member) offsetof(config_t, member), sizeof(((config_t *)0)->member)
 #define SINK(member)                                                           \
@@ -169,6 +181,18 @@ static const directive_t directives[] = {
      "8", NULL, 0},
     {"mqtt.topics", TYPE_STRING, CFG(mqtt.topics), 0, 0,
      "devices/{device_id}/data", NULL, 0},
+    {"https.listen", TYPE_LISTEN, CFG(https.listen), 0, 0, "", NULL,
+     FLAG_EMPTY_DISABLES},
+    {"mqtts.listen", TYPE_LISTEN, CFG(mqtts.listen), 0, 0, "", NULL,
+     FLAG_EMPTY_DISABLES},
+    {"tls.cert_file", TYPE_PATH, CFG(tls.cert_file), 0, 0, NULL, NULL, 0},
+    {"tls.key_file", TYPE_PATH, CFG(tls.key_file), 0, 0, NULL, NULL, 0},
+    {"tls.ca_file", TYPE_PATH, CFG(tls.ca_file), 0, 0, NULL, NULL, 0},
+    {"tls.crl_file", TYPE_PATH, CFG(tls.crl_file), 0, 0, NULL, NULL, 0},
+    {"tls.client_auth", TYPE_ENUM, CFG(tls.client_auth), 0, 0, "none",
+     tls_client_auths, 0},
+    {"tls.identity", TYPE_ENUM, CFG(tls.identity), 0, 0, "cn",
+     tls_identities, 0},
     {"spool.durability", TYPE_ENUM, CFG(spool.durability), 0, 0, "fsync",
      durabilities, 0},
     {"spool.segment_size", TYPE_SIZE, CFG(spool.segment_size), 64 * KIB, TIB,
@@ -608,6 +632,13 @@ static void describe_expected(const directive_t *d, int outcome, char *buf,
         snprintf(buf, size, "a non-empty path");
         return;
     case TYPE_LISTEN:
+        /* Listeners that are off by default have no address to show. */
+        if (d->default_value[0] == '\0') {
+            snprintf(buf, size,
+                     "an address such as 127.0.0.1:8443 or [::1]:8443, or "
+                     "\"\" to disable");
+            return;
+        }
         snprintf(buf, size, "an address such as %s or [::1]:%s%s",
                  d->default_value, strrchr(d->default_value, ':') + 1,
                  (d->flags & FLAG_EMPTY_DISABLES) ? ", or \"\" to disable"
@@ -1733,11 +1764,72 @@ static int finish_sinks(load_t *ld)
     return 0;
 }
 
+/* Returns the address of a listener other than `self` that `listen`
+ * repeats, or NULL. */
+static const char *listen_clash(const config_t *cfg, const char *self,
+                                const char *listen)
+{
+    const char *names[] = {"http.listen", "admin.listen", "mqtt.listen",
+                           "https.listen", "mqtts.listen"};
+    const char *values[] = {cfg->http.listen, cfg->admin.listen,
+                            cfg->mqtt.listen, cfg->https.listen,
+                            cfg->mqtts.listen};
+
+    for (size_t i = 0; i < ARRAY_LEN(names); i++) {
+        if (strcmp(names[i], self) != 0 && values[i] != NULL &&
+            strcmp(values[i], listen) == 0)
+            return names[i];
+    }
+    return NULL;
+}
+
+/* Checks the TLS listeners: each needs its own address, and the server
+ * certificate and key; client certificates need a CA bundle. The files
+ * themselves are read when the listeners start and by check-config. */
+static int finish_tls(load_t *ld)
+{
+    config_t *cfg = ld->cfg;
+    const char *names[] = {"https.listen", "mqtts.listen"};
+    const char *values[] = {cfg->https.listen, cfg->mqtts.listen};
+    int on = cfg->https.listen != NULL || cfg->mqtts.listen != NULL;
+
+    for (size_t i = 0; i < ARRAY_LEN(names); i++) {
+        const char *other;
+
+        if (values[i] == NULL)
+            continue;
+        other = listen_clash(cfg, names[i], values[i]);
+        if (other != NULL)
+            return config_fail(&ld->error, line_of(ld, names[i]),
+                               "%s: %s is also %s; use another port",
+                               names[i], values[i], other);
+    }
+    if (on && (cfg->tls.cert_file == NULL || cfg->tls.key_file == NULL))
+        return config_fail(
+            &ld->error,
+            line_of(ld, cfg->https.listen ? "https.listen" : "mqtts.listen"),
+            "%s: a TLS listener needs tls.cert_file and tls.key_file",
+            cfg->https.listen ? "https.listen" : "mqtts.listen");
+    if (cfg->tls.client_auth != CONFIG_TLS_CLIENT_AUTH_NONE &&
+        cfg->tls.ca_file == NULL)
+        return config_fail(&ld->error, line_of(ld, "tls.client_auth"),
+                           "tls.client_auth: %s needs tls.ca_file, the CA "
+                           "bundle that client certificates are checked "
+                           "against",
+                           tls_client_auths[cfg->tls.client_auth]);
+    if (cfg->tls.crl_file != NULL && cfg->tls.ca_file == NULL)
+        return config_fail(&ld->error, line_of(ld, "tls.crl_file"),
+                           "tls.crl_file: a CRL needs tls.ca_file, the CA "
+                           "bundle of the certificates it revokes");
+    return 0;
+}
+
 /* Fills the values derived from others and checks rules that span
  * several directives. */
 static int finish_config(load_t *ld)
 {
     config_t *cfg = ld->cfg;
+    int rc;
     char names[256];
     char segment[32], max[32];
     size_t used = 0;
@@ -1785,6 +1877,9 @@ static int finish_config(load_t *ld)
             &ld->error, line_of(ld, "admin.listen"),
             "admin.listen: %s is also http.listen; use another port",
             cfg->admin.listen);
+    rc = finish_tls(ld);
+    if (rc != 0)
+        return rc;
     return finish_sinks(ld);
 }
 
@@ -1943,6 +2038,12 @@ void config_free(config_t *cfg)
     free(cfg->admin.listen);
     free(cfg->mqtt.listen);
     free(cfg->mqtt.topics);
+    free(cfg->https.listen);
+    free(cfg->mqtts.listen);
+    free(cfg->tls.cert_file);
+    free(cfg->tls.key_file);
+    free(cfg->tls.ca_file);
+    free(cfg->tls.crl_file);
     free(cfg->default_device_type);
     free(cfg);
 }

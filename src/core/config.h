@@ -19,6 +19,20 @@ enum spool_durability {
     SPOOL_DURABILITY_NONE = 1,  /* ack after write(2): lossy on power loss */
 };
 
+/* Whether the TLS listeners ask for a client certificate. */
+enum config_tls_client_auth {
+    CONFIG_TLS_CLIENT_AUTH_NONE = 0,     /* never asked for */
+    CONFIG_TLS_CLIENT_AUTH_OPTIONAL = 1, /* verified when the client sends one */
+    CONFIG_TLS_CLIENT_AUTH_REQUIRED = 2, /* the handshake fails without one */
+};
+
+/* Where the device id comes from in a client certificate. */
+enum config_tls_identity {
+    CONFIG_TLS_IDENTITY_CN = 0,      /* the subject's common name */
+    CONFIG_TLS_IDENTITY_SAN_URI = 1, /* a URI subject alternative name */
+    CONFIG_TLS_IDENTITY_SAN_DNS = 2, /* a DNS subject alternative name */
+};
+
 typedef struct config_device_type {
     char *name;
     /* Path of the JSON Schema file, resolved against the config file's folder,
@@ -186,6 +200,24 @@ typedef struct config {
          * level, such as "devices/{device_id}/data". */
         char *topics;
     } mqtt;
+
+    /* TLS of the https and mqtts listeners (see docs/tls.md). */
+    struct {
+        char *cert_file; /* PEM chain, the server certificate first */
+        char *key_file;  /* PEM private key of that certificate */
+        char *ca_file;   /* PEM bundle of CAs that sign client certificates */
+        char *crl_file;  /* PEM CRL of that CA, or NULL */
+        int client_auth; /* enum config_tls_client_auth */
+        int identity;    /* enum config_tls_identity */
+    } tls;
+
+    struct {
+        char *listen; /* host:port, or NULL (the default) for off */
+    } https;
+
+    struct {
+        char *listen; /* host:port, or NULL (the default) for off */
+    } mqtts;
 
     struct {
         enum spool_durability durability;

@@ -459,8 +459,7 @@ void http_conn_respond(http_conn_t *c, http_response_t *resp)
     }
     llhttp_resume(&c->parser);
     http_conn_set_state(c, CONN_IDLE);
-    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) >
-        HTTP_WRITE_QUEUE_HIGH)
+    if (net_conn_write_queue_size(&c->net) > HTTP_WRITE_QUEUE_HIGH)
         c->write_wait = 1;
     http_conn_process(c);
 }

@@ -15,17 +15,21 @@
 #define LINGER_MS 2000
 #define LINGER_MAX_BYTES (1024 * 1024)
 
-typedef struct write_req {
-    uv_write_t req;
-    char *data; /* owned, or NULL for static bytes */
-} write_req_t;
+/* Counts one of the two handles (the timer and c->net) as closed. */
+static void handle_closed(http_conn_t *c)
+{
+    if (--c->handles == 0 && c->holds == 0)
+        http_listener_conn_gone(c);
+}
 
 static void on_handle_closed(uv_handle_t *h)
 {
-    http_conn_t *c = h->data;
+    handle_closed(h->data);
+}
 
-    if (--c->handles == 0 && c->holds == 0)
-        http_listener_conn_gone(c);
+static void on_net_closed(net_conn_t *n)
+{
+    handle_closed(n->data);
 }
 
 void http_conn_close(http_conn_t *c)
@@ -48,7 +52,7 @@ void http_conn_close(http_conn_t *c)
               (unsigned long long)c->id, l->name, c->peer);
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
-    uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    net_conn_close(&c->net);
 }
 
 void http_conn_hold(http_conn_t *c)
@@ -129,16 +133,6 @@ void http_conn_set_state(http_conn_t *c, enum http_conn_state state)
     }
 }
 
-static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
-{
-    http_conn_t *c = h->data;
-
-    /* One buffer per loop is enough because on_read copies what it keeps
-     * before libuv reads again. */
-    buf->base = c->listener->read_buf;
-    buf->len = sizeof(c->listener->read_buf);
-}
-
 /* Appends received bytes to the connection's input buffer. */
 static int keep_input(http_conn_t *c, const char *data, size_t len)
 {
@@ -160,9 +154,11 @@ static int keep_input(http_conn_t *c, const char *data, size_t len)
     return 0;
 }
 
-static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+/* Takes plaintext from c->net, which reuses its buffer after this
+ * returns, so whatever is kept is copied. */
+static void on_net_read(net_conn_t *n, ssize_t nread, const char *data)
 {
-    http_conn_t *c = s->data;
+    http_conn_t *c = n->data;
 
     if (nread == 0)
         return;
@@ -182,10 +178,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     if (c->state == CONN_STREAM) {
-        c->stream->on_read(c->stream_arg, buf->base, (size_t)nread);
+        c->stream->on_read(c->stream_arg, data, (size_t)nread);
         return;
     }
-    if (keep_input(c, buf->base, (size_t)nread) != 0) {
+    if (keep_input(c, data, (size_t)nread) != 0) {
         http_conn_close(c);
         return;
     }
@@ -203,22 +199,16 @@ void http_conn_update_reading(http_conn_t *c)
     else
         want = c->state == CONN_CLOSING ||
                (c->state != CONN_WAITING && !c->write_wait);
-    if (want && !c->reading) {
-        if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
-            c->reading = 1;
-    } else if (!want && c->reading) {
-        uv_read_stop((uv_stream_t *)&c->tcp);
-        c->reading = 0;
+    if (want != c->reading) {
+        c->reading = want;
+        net_conn_set_reading(&c->net, want);
     }
 }
 
-static void on_write(uv_write_t *req, int status)
+static void on_net_written(net_conn_t *n, int status)
 {
-    write_req_t *w = (write_req_t *)req;
-    http_conn_t *c = req->handle->data;
+    http_conn_t *c = n->data;
 
-    free(w->data);
-    free(w);
     if (c->closed)
         return;
     if (status < 0) {
@@ -232,8 +222,7 @@ static void on_write(uv_write_t *req, int status)
         return;
     }
     if (c->write_wait &&
-        uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) <=
-            HTTP_WRITE_QUEUE_LOW) {
+        net_conn_write_queue_size(&c->net) <= HTTP_WRITE_QUEUE_LOW) {
         c->write_wait = 0;
         http_conn_process(c);
     }
@@ -242,28 +231,15 @@ static void on_write(uv_write_t *req, int status)
 int http_conn_write(http_conn_t *c, char *data, const char *bytes,
                     size_t len)
 {
-    write_req_t *w = malloc(sizeof(*w));
-    uv_buf_t buf = uv_buf_init((char *)bytes, (unsigned int)len);
-    int rc;
-
-    if (w == NULL) {
-        free(data);
+    if (net_conn_write(&c->net, data, bytes, len) != 0)
         return -1;
-    }
-    w->data = data;
-    rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, on_write);
-    if (rc != 0) {
-        free(data);
-        free(w);
-        return -1;
-    }
     http_metrics_bytes(c->listener->kind, 0, len);
     return 0;
 }
 
-static void on_shutdown(uv_shutdown_t *req, int status)
+static void on_shutdown(net_conn_t *n, int status)
 {
-    http_conn_t *c = req->handle->data;
+    http_conn_t *c = n->data;
 
     if (status < 0)
         http_conn_close(c);
@@ -275,7 +251,7 @@ void http_conn_begin_close(http_conn_t *c)
         return;
     http_conn_set_state(c, CONN_CLOSING);
     c->in_off = c->in_len = 0;
-    if (uv_shutdown(&c->shutdown, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+    if (net_conn_shutdown(&c->net, on_shutdown) != 0) {
         http_conn_close(c);
         return;
     }
@@ -284,10 +260,15 @@ void http_conn_begin_close(http_conn_t *c)
 
 int http_conn_start(http_conn_t *c)
 {
-    c->tcp.data = c;
-    c->timer.data = c;
     http_conn_init_parser(c);
     http_conn_set_state(c, CONN_IDLE);
     http_conn_update_reading(c);
     return c->reading ? 0 : -1;
 }
+
+const net_conn_events_t http_conn_events = {
+    .on_ready = http_listener_conn_ready,
+    .on_read = on_net_read,
+    .on_written = on_net_written,
+    .on_closed = on_net_closed,
+};

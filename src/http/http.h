@@ -15,6 +15,7 @@
 
 #include "auth/auth.h"
 #include "core/config.h"
+#include "net/tls.h"
 #include "pipeline/pipeline.h"
 
 typedef struct http_listener http_listener_t;
@@ -26,6 +27,14 @@ typedef struct http_listener http_listener_t;
 int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
                    pipeline_loop_t *pl, http_listener_t **out, char *err,
                    size_t errlen);
+
+/* Starts the same device API over TLS on cfg->https.listen, with the
+ * contexts of `tls` (shared by every loop, must outlive the listener). A
+ * TLS handshake must finish within http.header_timeout. Returns as
+ * http_api_start does. */
+int http_https_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
+                     pipeline_loop_t *pl, tls_server_t *tls,
+                     http_listener_t **out, char *err, size_t errlen);
 
 /* Hooks the admin listener calls to answer /readyz. `not_ready` returns
  * NULL when ready, or a short static reason such as "spool full".

@@ -16,6 +16,7 @@
 
 #include "auth/auth.h"
 #include "http/http.h"
+#include "net/conn.h"
 #include "pipeline/pipeline.h"
 #include "ws/ws.h"
 
@@ -198,7 +199,8 @@ struct http_listener {
     uv_loop_t *loop;
     uv_tcp_t tcp;
     enum http_listener_kind kind;
-    const char *name; /* "api" or "admin", the metrics label */
+    const char *name; /* "api", "https" or "admin", for logs */
+    tls_server_t *tls; /* set on the https listener */
     char address[128];
     http_limits_t limits;
     const http_route_t *routes;
@@ -216,13 +218,11 @@ struct http_listener {
     int listening;
     int draining;
     int closing;
-    char read_buf[65536]; /* shared by the loop's reads, copied at once */
 };
 
 struct http_conn {
-    uv_tcp_t tcp;
+    net_conn_t net; /* the socket, in plain text or TLS */
     uv_timer_t timer;
-    uv_shutdown_t shutdown;
     llhttp_t parser;
     http_listener_t *listener;
     http_conn_t *prev;
@@ -234,7 +234,8 @@ struct http_conn {
     int holds;     /* pending pipeline completions that use this struct */
     int closed;    /* uv_close was called */
     int counted;   /* counts against max_connections */
-    int reading;
+    int turned_away; /* over max_connections: gets a 503 once ready */
+    int reading;   /* plaintext input is wanted from c->net */
     int in_process;
     int write_wait; /* too much queued output, so parsing waits */
     int abort;      /* a callback stopped the parser to reject */
@@ -250,9 +251,12 @@ struct http_conn {
     int stream_closed;  /* the handler's on_close ran */
 };
 
-/* Sets up `c` for a freshly accepted socket and starts reading.
- * Returns 0 or a negative libuv error. */
+/* Sets up `c` once its connection is ready (after the TLS handshake) and
+ * starts reading. Returns 0 or a negative libuv error. */
 int http_conn_start(http_conn_t *c);
+
+/* Connection events of c->net (conn_io.c). */
+extern const net_conn_events_t http_conn_events;
 
 /* Responds to the current request, taking ownership of `resp`'s strings, and
  * continues with the next pipelined request unless the connection must
@@ -346,6 +350,10 @@ int http_conn_write(http_conn_t *c, char *data, const char *bytes,
 
 /* Frees `c` once its handles closed and no hold remains (listener.c). */
 void http_listener_conn_gone(http_conn_t *c);
+
+/* Starts the protocol on `c` once c->net is ready, or turns it away
+ * (listener.c). */
+void http_listener_conn_ready(net_conn_t *n);
 
 /* Logs a rejected request at warn, rate-limited. */
 void http_log_reject(http_conn_t *c, int status, const char *code);

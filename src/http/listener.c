@@ -100,28 +100,6 @@ error:
     return ING_EIO;
 }
 
-static void peer_name(uv_tcp_t *tcp, char *buf, size_t size)
-{
-    struct sockaddr_storage ss;
-    int len = sizeof(ss);
-    char ip[INET6_ADDRSTRLEN] = "?";
-    int port = 0;
-
-    if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) == 0) {
-        if (ss.ss_family == AF_INET6) {
-            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
-            uv_ip6_name(a, ip, sizeof(ip));
-            port = ntohs(a->sin6_port);
-            snprintf(buf, size, "[%s]:%d", ip, port);
-            return;
-        }
-        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
-        uv_ip4_name(a, ip, sizeof(ip));
-        port = ntohs(a->sin_port);
-    }
-    snprintf(buf, size, "%s:%d", ip, port);
-}
-
 static void link_conn(http_listener_t *l, http_conn_t *c)
 {
     c->next = l->conns;
@@ -168,6 +146,18 @@ static void turn_away(http_conn_t *c)
     http_conn_turn_away(c, &resp);
 }
 
+void http_listener_conn_ready(net_conn_t *n)
+{
+    http_conn_t *c = n->data;
+
+    if (c->turned_away) {
+        turn_away(c);
+        return;
+    }
+    if (http_conn_start(c) != 0)
+        http_conn_close(c);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     http_listener_t *l = server->data;
@@ -183,28 +173,30 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     c->listener = l;
     c->id = atomic_fetch_add(&next_conn_id, 1);
-    uv_tcp_init(l->loop, &c->tcp);
+    net_conn_init(l->loop, &c->net, &http_conn_events, c);
+    c->net.id = c->id;
     uv_timer_init(l->loop, &c->timer);
-    c->tcp.data = c;
     c->timer.data = c;
     c->handles = 2;
     link_conn(l, c);
     http_metrics_connection(l->kind, 1);
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+    if (net_conn_accept(server, &c->net, l->name, l->tls,
+                        l->limits.header_timeout_ms) != 0) {
         http_conn_close(c);
         return;
     }
-    peer_name(&c->tcp, c->peer, sizeof(c->peer));
-    uv_tcp_nodelay(&c->tcp, 1);
+    snprintf(c->peer, sizeof(c->peer), "%s", c->net.peer);
+    /* A client over the limit still completes its TLS handshake, so that
+     * it can read the 503 response. */
     if (l->served >= l->limits.max_connections) {
-        turn_away(c);
-        return;
+        c->turned_away = 1;
+    } else {
+        c->counted = 1;
+        l->served++;
+        log_debug("connection opened", "conn=%llu listener=%s peer=%s",
+                  (unsigned long long)c->id, l->name, c->peer);
     }
-    c->counted = 1;
-    l->served++;
-    log_debug("connection opened", "conn=%llu listener=%s peer=%s",
-              (unsigned long long)c->id, l->name, c->peer);
-    if (http_conn_start(c) != 0)
+    if (net_conn_start(&c->net) != 0)
         http_conn_close(c);
 }
 
@@ -261,9 +253,11 @@ static int start(uv_loop_t *loop, const char *address, http_listener_t *l,
     return 0;
 }
 
-int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
-                   pipeline_loop_t *pl, http_listener_t **out, char *err,
-                   size_t errlen)
+/* Starts an API listener on `address`, with TLS when `tls` is set. */
+static int api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
+                     pipeline_loop_t *pl, const char *address,
+                     tls_server_t *tls, http_listener_t **out, char *err,
+                     size_t errlen)
 {
     http_listener_t *l = calloc(1, sizeof(*l));
     int rc;
@@ -271,7 +265,8 @@ int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
     if (l == NULL)
         return ING_ENOMEM;
     l->kind = HTTP_LISTENER_API;
-    l->name = "api";
+    l->name = tls != NULL ? "https" : "api";
+    l->tls = tls;
     l->limits = (http_limits_t){
         .max_header_bytes = cfg->http.max_header_bytes,
         .max_body_bytes = cfg->http.max_body_bytes,
@@ -312,13 +307,29 @@ int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
     };
     if (cfg->mqtt.max_packet_size > l->mqtt_ws.max_message_size)
         l->mqtt_ws.max_message_size = cfg->mqtt.max_packet_size;
-    rc = start(loop, cfg->http.listen, l, err, errlen);
+    rc = start(loop, address, l, err, errlen);
     if (rc != 0) {
         listener_unref(l);
         return rc;
     }
     *out = l;
     return 0;
+}
+
+int http_api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
+                   pipeline_loop_t *pl, http_listener_t **out, char *err,
+                   size_t errlen)
+{
+    return api_start(loop, cfg, auth, pl, cfg->http.listen, NULL, out, err,
+                     errlen);
+}
+
+int http_https_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
+                     pipeline_loop_t *pl, tls_server_t *tls,
+                     http_listener_t **out, char *err, size_t errlen)
+{
+    return api_start(loop, cfg, auth, pl, cfg->https.listen, tls, out, err,
+                     errlen);
 }
 
 int http_admin_start(uv_loop_t *loop, const char *listen,

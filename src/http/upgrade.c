@@ -347,7 +347,7 @@ static size_t stream_write_queue_size(void *ctx)
     http_conn_t *c = ctx;
 
     return c->closed ? 0
-                     : uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+                     : net_conn_write_queue_size(&c->net);
 }
 
 static void stream_set_reading(void *ctx, int on)

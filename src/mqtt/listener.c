@@ -19,28 +19,22 @@
 #include "core/errors.h"
 #include "core/log.h"
 #include "mqtt/session.h"
+#include "net/conn.h"
 
 #define LISTEN_BACKLOG 1024
 #define READ_BUFFER 65536
 #define MAX_LOOPS 128
 
-/* A TCP connection under one session. */
+/* A TCP connection, plain or TLS, under one session. */
 typedef struct tcp_conn {
-    uv_tcp_t tcp;
-    uv_shutdown_t shutdown;
+    net_conn_t net;
     mqtt_listener_t *listener;
     mqtt_session_t *session;
     uint64_t id;
-    char peer[64];
     int closing;
     int reading;
     int counted; /* within mqtt.max_connections */
 } tcp_conn_t;
-
-typedef struct write_req {
-    uv_write_t req;
-    uint8_t *data;
-} write_req_t;
 
 static atomic_uint_fast64_t next_conn_id = 1;
 
@@ -102,9 +96,9 @@ void mqtt_listener_unref(mqtt_listener_t *l)
 
 /* ---- TCP transport ---- */
 
-static void on_conn_closed(uv_handle_t *h)
+static void on_net_closed(net_conn_t *n)
 {
-    tcp_conn_t *c = h->data;
+    tcp_conn_t *c = n->data;
     mqtt_listener_t *l = c->listener;
 
     if (c->counted)
@@ -117,28 +111,26 @@ static void on_conn_closed(uv_handle_t *h)
 
 static void close_now(tcp_conn_t *c)
 {
-    if (uv_is_closing((uv_handle_t *)&c->tcp))
+    if (net_conn_is_closing(&c->net))
         return;
     c->closing = 1;
-    uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+    net_conn_close(&c->net);
 }
 
-static void on_shutdown(uv_shutdown_t *req, int status)
+static void on_shutdown(net_conn_t *n, int status)
 {
     (void)status;
-    close_now(req->data);
+    close_now(n->data);
 }
 
-static void on_write(uv_write_t *req, int status)
+static void on_net_written(net_conn_t *n, int status)
 {
-    write_req_t *w = (write_req_t *)req;
-    tcp_conn_t *c = req->handle->data;
+    tcp_conn_t *c = n->data;
 
-    free(w->data);
-    free(w);
     if (status < 0 && status != UV_ECANCELED && !c->closing) {
         log_debug("mqtt write failed", "conn=%llu peer=%s error=%s",
-                  (unsigned long long)c->id, c->peer, uv_strerror(status));
+                  (unsigned long long)c->id, c->net.peer,
+                  uv_strerror(status));
         close_now(c);
     }
 }
@@ -146,25 +138,14 @@ static void on_write(uv_write_t *req, int status)
 static int tcp_write(void *ctx, uint8_t *data, size_t len)
 {
     tcp_conn_t *c = ctx;
-    write_req_t *w;
-    uv_buf_t buf = uv_buf_init((char *)data, (unsigned int)len);
 
     if (c->closing) {
         free(data);
         return -1;
     }
-    w = malloc(sizeof(*w));
-    if (w == NULL) {
-        free(data);
-        return -1;
-    }
-    w->data = data;
-    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, on_write) != 0) {
-        free(data);
-        free(w);
-        return -1;
-    }
-    return 0;
+    return net_conn_write(&c->net, (char *)data, (const char *)data, len) == 0
+               ? 0
+               : -1;
 }
 
 static void tcp_close(void *ctx)
@@ -175,39 +156,28 @@ static void tcp_close(void *ctx)
         return;
     c->closing = 1;
     if (c->reading) {
-        uv_read_stop((uv_stream_t *)&c->tcp);
+        net_conn_set_reading(&c->net, 0);
         c->reading = 0;
     }
     /* Shutting down first lets the queued replies reach the client. */
-    c->shutdown.data = c;
-    if (uv_shutdown(&c->shutdown, (uv_stream_t *)&c->tcp, on_shutdown) != 0)
+    if (net_conn_shutdown(&c->net, on_shutdown) != 0)
         close_now(c);
 }
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+static void on_net_read(net_conn_t *n, ssize_t nread, const char *data)
 {
-    static _Thread_local char read_buffer[READ_BUFFER];
-
-    (void)h;
-    (void)suggested;
-    *buf = uv_buf_init(read_buffer, sizeof(read_buffer));
-}
-
-static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
-{
-    tcp_conn_t *c = stream->data;
+    tcp_conn_t *c = n->data;
 
     if (nread < 0) {
         if (nread != UV_EOF)
             log_debug("mqtt read failed", "conn=%llu peer=%s error=%s",
-                      (unsigned long long)c->id, c->peer,
+                      (unsigned long long)c->id, c->net.peer,
                       uv_strerror((int)nread));
         close_now(c);
         return;
     }
     if (nread > 0 && c->session != NULL && !c->closing)
-        mqtt_session_feed(c->session, (const uint8_t *)buf->base,
-                          (size_t)nread);
+        mqtt_session_feed(c->session, (const uint8_t *)data, (size_t)nread);
 }
 
 static void tcp_pause(void *ctx)
@@ -215,7 +185,7 @@ static void tcp_pause(void *ctx)
     tcp_conn_t *c = ctx;
 
     if (c->reading) {
-        uv_read_stop((uv_stream_t *)&c->tcp);
+        net_conn_set_reading(&c->net, 0);
         c->reading = 0;
     }
 }
@@ -224,9 +194,10 @@ static void tcp_resume(void *ctx)
 {
     tcp_conn_t *c = ctx;
 
-    if (!c->reading && !c->closing &&
-        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
+    if (!c->reading && !c->closing) {
+        net_conn_set_reading(&c->net, 1);
         c->reading = 1;
+    }
 }
 
 static const mqtt_transport_ops_t tcp_ops = {
@@ -236,50 +207,57 @@ static const mqtt_transport_ops_t tcp_ops = {
     .resume = tcp_resume,
 };
 
-static void peer_name(uv_tcp_t *tcp, char *buf, size_t size)
+/* Opens the session once the connection carries plaintext, which for
+ * MQTTS is after the TLS handshake. */
+static void on_net_ready(net_conn_t *n)
 {
-    struct sockaddr_storage ss;
-    int len = sizeof(ss);
-    char ip[INET6_ADDRSTRLEN] = "?";
+    tcp_conn_t *c = n->data;
+    mqtt_listener_t *l = c->listener;
+    mqtt_transport_t t = {.ops = &tcp_ops,
+                          .kind = c->net.tls != NULL ? "tls" : "tcp"};
 
-    if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) != 0) {
-        snprintf(buf, size, "?");
-    } else if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
-        uv_ip6_name(a, ip, sizeof(ip));
-        snprintf(buf, size, "[%s]:%d", ip, ntohs(a->sin6_port));
-    } else {
-        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
-        uv_ip4_name(a, ip, sizeof(ip));
-        snprintf(buf, size, "%s:%d", ip, ntohs(a->sin_port));
+    t.ctx = c;
+    t.conn_id = c->id;
+    t.peer = c->net.peer;
+    t.cert = net_conn_peer_cert(&c->net);
+    c->session = mqtt_session_open(l, &t);
+    if (c->session == NULL) {
+        close_now(c);
+        return;
     }
+    tcp_resume(c);
 }
 
-static void on_connection(uv_stream_t *server, int status)
+static const net_conn_events_t tcp_events = {
+    .on_ready = on_net_ready,
+    .on_read = on_net_read,
+    .on_written = on_net_written,
+    .on_closed = on_net_closed,
+};
+
+static void accept_connection(mqtt_listener_t *l, uv_stream_t *server,
+                              tls_server_t *tls)
 {
-    mqtt_listener_t *l = server->data;
-    mqtt_transport_t t = {.ops = &tcp_ops, .kind = "tcp"};
+    const char *name = tls != NULL ? "mqtts" : "mqtt";
     tcp_conn_t *c;
 
-    if (status < 0)
-        return;
     c = calloc(1, sizeof(*c));
     if (c == NULL)
         return;
     c->listener = l;
     c->id = atomic_fetch_add(&next_conn_id, 1);
-    uv_tcp_init(l->loop, &c->tcp);
-    c->tcp.data = c;
+    net_conn_init(l->loop, &c->net, &tcp_events, c);
+    c->net.id = c->id;
     mqtt_listener_ref(l);
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+    if (net_conn_accept(server, &c->net, name, tls,
+                        l->cfg->mqtt.connect_timeout_ms) != 0) {
         close_now(c);
         return;
     }
-    peer_name(&c->tcp, c->peer, sizeof(c->peer));
     if (l->tcp_connections >= l->cfg->mqtt.max_connections) {
         log_write_limited("mqtt_too_many_connections", 5, LOG_LEVEL_WARN,
-                          "mqtt connection turned away", "peer=%s max=%llu",
-                          c->peer,
+                          "mqtt connection turned away",
+                          "listener=%s peer=%s max=%llu", name, c->net.peer,
                           (unsigned long long)l->cfg->mqtt.max_connections);
         mqtt_metrics_malformed("too_many_connections");
         close_now(c);
@@ -287,16 +265,24 @@ static void on_connection(uv_stream_t *server, int status)
     }
     c->counted = 1;
     l->tcp_connections++;
-    uv_tcp_nodelay(&c->tcp, 1);
-    t.ctx = c;
-    t.conn_id = c->id;
-    t.peer = c->peer;
-    c->session = mqtt_session_open(l, &t);
-    if (c->session == NULL) {
+    if (net_conn_start(&c->net) != 0)
         close_now(c);
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    if (status < 0)
         return;
-    }
-    tcp_resume(c);
+    accept_connection(server->data, server, NULL);
+}
+
+static void on_tls_connection(uv_stream_t *server, int status)
+{
+    mqtt_listener_t *l = server->data;
+
+    if (status < 0)
+        return;
+    accept_connection(l, server, l->tls);
 }
 
 /* ---- Listening socket ---- */
@@ -514,8 +500,41 @@ int mqtt_listener_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
     return 0;
 }
 
+int mqtt_listener_start_tls(mqtt_listener_t *l, tls_server_t *tls,
+                            char *err, size_t errlen)
+{
+    const char *address = l->cfg->mqtts.listen;
+    int fd, rc;
+
+    fd = open_socket(address, err, errlen);
+    if (fd < 0)
+        return fd;
+    l->tls = tls;
+    uv_tcp_init(l->loop, &l->tls_tcp);
+    l->tls_tcp.data = l;
+    l->refs++;
+    l->tls_listening = 1;
+    rc = uv_tcp_open(&l->tls_tcp, fd);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&l->tls_tcp, LISTEN_BACKLOG,
+                       on_tls_connection);
+    if (rc != 0) {
+        snprintf(err, errlen, "mqtts listen %s: %s", address,
+                 uv_strerror(rc));
+        l->tls_listening = 0;
+        uv_close((uv_handle_t *)&l->tls_tcp, on_handle_closed);
+        return ING_EIO;
+    }
+    log_info("mqtts listener started", "address=%s", address);
+    return 0;
+}
+
 static void stop_listening(mqtt_listener_t *l)
 {
+    if (l->tls_listening) {
+        l->tls_listening = 0;
+        uv_close((uv_handle_t *)&l->tls_tcp, on_handle_closed);
+    }
     if (!l->listening)
         return;
     l->listening = 0;

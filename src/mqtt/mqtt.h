@@ -17,6 +17,7 @@
 
 #include "auth/auth.h"
 #include "core/config.h"
+#include "net/tls.h"
 #include "pipeline/pipeline.h"
 
 typedef struct mqtt_listener mqtt_listener_t;
@@ -30,6 +31,14 @@ typedef struct mqtt_session mqtt_session_t;
 int mqtt_listener_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
                         pipeline_loop_t *pl, mqtt_listener_t **out,
                         char *err, size_t errlen);
+
+/* Starts listening with TLS on cfg->mqtts.listen in the context `l`,
+ * with the contexts of `tls` (shared by every loop, must outlive `l`).
+ * The TLS handshake must finish within mqtt.connect_timeout, which then
+ * starts again for CONNECT. Call on the loop's thread. Returns 0 or a
+ * negative ing_error with a message in `err`. */
+int mqtt_listener_start_tls(mqtt_listener_t *l, tls_server_t *tls,
+                            char *err, size_t errlen);
 
 /* Returns the listener started on `loop`, or NULL. Thread-safe; used by
  * transports such as WebSocket that live in another module. */
@@ -69,9 +78,12 @@ typedef struct mqtt_transport_ops {
 typedef struct mqtt_transport {
     const mqtt_transport_ops_t *ops;
     void *ctx;
-    const char *kind; /* "tcp" or "ws", for logs */
+    const char *kind; /* "tcp", "tls" or "ws", for logs */
     uint64_t conn_id; /* for logs */
     const char *peer; /* "ip:port", copied */
+    /* The device of a verified TLS client certificate, or NULL. It lives
+     * as long as the transport, and CONNECT authenticates with it. */
+    const tls_peer_t *cert;
 } mqtt_transport_t;
 
 /* Starts a session on listener `l` over `t` (copied), waiting for

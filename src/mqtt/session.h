@@ -53,7 +53,10 @@ struct mqtt_listener {
 
     uv_tcp_t tcp;
     int listening;
-    size_t tcp_connections; /* for mqtt.max_connections */
+    uv_tcp_t tls_tcp; /* the mqtts.listen socket */
+    int tls_listening;
+    tls_server_t *tls;
+    size_t tcp_connections; /* for mqtt.max_connections, TLS included */
 
     uv_async_t mail_async;
     pthread_mutex_t mail_lock;
