@@ -327,7 +327,8 @@ static int open_channel(rabbitmq_sink_t *r)
 }
 
 /* Sets up TLS with the configured CA, or the system's CAs without one.
- * librabbitmq checks the broker's certificate and host name by default. */
+ * librabbitmq checks the broker's certificate and host name by default.
+ * NOTE: no test runs a TLS broker yet, so this path has not been run. */
 static amqp_socket_t *new_tls_socket(rabbitmq_sink_t *r)
 {
     amqp_socket_t *sock = amqp_ssl_socket_new(r->conn);

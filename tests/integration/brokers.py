@@ -277,6 +277,19 @@ RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 RABBITMQ_START_TIMEOUT_S = 60
 
 
+def free_dist_port():
+    """Return a port that was free on every local address a moment ago.
+
+    RabbitMQ checks its Erlang distribution port by binding it on the
+    wildcard address, which fails when any 127.0.0.x address uses the
+    port, even though the node itself listens on 127.0.0.1 only. Binding
+    without listening opens nothing to other hosts.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
 @dataclasses.dataclass
 class AmqpMessage:
     """One message read back from a queue with pika."""
@@ -310,7 +323,7 @@ class RabbitMQ:
         # A folder in /tmp, because pytest's are closed to other users.
         self.folder = tempfile.mkdtemp(prefix="ingestd-rabbitmq-")
         self.port = free_port()
-        self.dist_port = free_port()
+        self.dist_port = free_dist_port()
         self.epmd_port = free_port()
         self.node = f"ingestd-test-{self.port}@localhost"
         self.log = os.path.join(self.folder, "server.log")
@@ -390,11 +403,36 @@ class RabbitMQ:
                               text=True, timeout=timeout)
 
     def start(self):
-        """Start the node and wait until it accepts AMQP connections."""
+        """Start the node and wait until it accepts AMQP connections.
+
+        Another process may have taken the distribution port since
+        free_dist_port() chose it, such as for an outgoing connection. The
+        node then stops at once with dist_port_already_used, and is
+        started again on a new distribution port, at most twice.
+        """
+        for _ in range(2):
+            if self._start_once():
+                return
+            self.dist_port = free_dist_port()
+            self.env = self._environment()
+        if not self._start_once():
+            raise AssertionError(
+                f"rabbitmq-server exited with {self.proc.returncode}: "
+                f"{self.server_log()}")
+
+    def _start_once(self):
+        """Start the node and wait for it. Return False when it stopped
+        because its distribution port is in use."""
+        log_start = (os.path.getsize(self.log)
+                     if os.path.exists(self.log) else 0)
         self.proc = self._spawn([RABBITMQ_SERVER], "server.log")
         deadline = time.monotonic() + RABBITMQ_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                with open(self.log, errors="replace") as f:
+                    f.seek(log_start)
+                    if "dist_port_already_used" in f.read():
+                        return False
                 raise AssertionError(
                     f"rabbitmq-server exited with {self.proc.returncode}: "
                     f"{self.server_log()}")
@@ -407,7 +445,7 @@ class RabbitMQ:
             except subprocess.TimeoutExpired:
                 break
             if done.returncode == 0 and self._port_open():
-                return
+                return True
             time.sleep(0.5)
         self.stop()
         raise AssertionError(
