@@ -2,6 +2,10 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,6 +160,235 @@ static int device_set_enabled(registry_t *reg, const char *id, int enabled)
     return 0;
 }
 
+/* Reports a failed registry change of device `id`. Returns the exit
+ * status. */
+static int change_failed(const char *what, const char *id, int rc)
+{
+    if (rc == ING_ENOTFOUND) {
+        fprintf(stderr, "ingestd: device \"%s\" not found\n", id);
+        return 1;
+    }
+    fprintf(stderr, "ingestd: %s of \"%s\" failed: %s\n", what, id,
+            ing_strerror(rc));
+    return 1;
+}
+
+/* Parses 64 hex digits, optionally separated by colons as `openssl x509
+ * -fingerprint` prints them. Returns 0 or -1. */
+static int parse_fingerprint(const char *text, unsigned char out[32])
+{
+    size_t n = 0;
+
+    for (const char *p = text; *p != '\0';) {
+        int hi, lo;
+
+        if (*p == ':') {
+            p++;
+            continue;
+        }
+        hi = OPENSSL_hexchar2int((unsigned char)p[0]);
+        lo = p[1] != '\0' ? OPENSSL_hexchar2int((unsigned char)p[1]) : -1;
+        if (hi < 0 || lo < 0 || n == 32)
+            return -1;
+        out[n++] = (unsigned char)(hi << 4 | lo);
+        p += 2;
+    }
+    return n == 32 ? 0 : -1;
+}
+
+/* Computes the SHA-256 fingerprint of the DER encoding of the first
+ * certificate in the PEM file `path`. Returns 0 or -1 with a message
+ * printed. */
+static int certificate_fingerprint(const char *path, unsigned char out[32])
+{
+    unsigned int len = 0;
+    X509 *cert = NULL;
+    FILE *f = fopen(path, "r");
+    int rc = -1;
+
+    if (f == NULL) {
+        fprintf(stderr, "ingestd: cannot open certificate %s: %s\n", path,
+                strerror(errno));
+        return -1;
+    }
+    cert = PEM_read_X509(f, NULL, NULL, NULL);
+    fclose(f);
+    if (cert == NULL) {
+        fprintf(stderr,
+                "ingestd: %s holds no PEM certificate (expected -----BEGIN "
+                "CERTIFICATE-----)\n",
+                path);
+        return -1;
+    }
+    if (X509_digest(cert, EVP_sha256(), out, &len) == 1 && len == 32)
+        rc = 0;
+    else
+        fprintf(stderr, "ingestd: hashing certificate %s failed\n", path);
+    X509_free(cert);
+    return rc;
+}
+
+static void format_fingerprint(const unsigned char fp[32], char *buf)
+{
+    for (size_t i = 0; i < 32; i++)
+        sprintf(buf + i * 3, "%02X%s", fp[i], i < 31 ? ":" : "");
+}
+
+static int device_set_cert(registry_t *reg, const char *id,
+                           const char *fingerprint, const char *cert_path)
+{
+    unsigned char fp[32];
+    char text[32 * 3];
+    int rc;
+
+    if ((fingerprint == NULL) == (cert_path == NULL)) {
+        fprintf(stderr, "ingestd: device set-cert needs one of --fingerprint "
+                        "HEX and --cert FILE.pem\n");
+        return 2;
+    }
+    if (fingerprint != NULL && parse_fingerprint(fingerprint, fp) != 0) {
+        fprintf(stderr,
+                "ingestd: invalid --fingerprint \"%s\": expected the 64 hex "
+                "digits of a SHA-256 hash, colons allowed\n",
+                fingerprint);
+        return 2;
+    }
+    if (cert_path != NULL && certificate_fingerprint(cert_path, fp) != 0)
+        return 2;
+    rc = registry_device_set_cert(reg, id, fp);
+    if (rc != 0)
+        return change_failed("pinning the certificate", id, rc);
+    format_fingerprint(fp, text);
+    printf("Device \"%s\" pinned to the client certificate with SHA-256 "
+           "fingerprint\n%s\n",
+           id, text);
+    return 0;
+}
+
+static int device_clear_cert(registry_t *reg, const char *id)
+{
+    int rc = registry_device_set_cert(reg, id, NULL);
+
+    if (rc != 0)
+        return change_failed("removing the certificate pin", id, rc);
+    printf("Device \"%s\" accepts any valid client certificate that names "
+           "it.\n",
+           id);
+    return 0;
+}
+
+/* Reads the whole file `path` (at most 64 KiB) into a new string. */
+static char *read_small_file(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    size_t cap = 64 * 1024;
+    char *buf;
+    size_t n;
+
+    if (f == NULL) {
+        fprintf(stderr, "ingestd: cannot open %s: %s\n", path,
+                strerror(errno));
+        return NULL;
+    }
+    buf = malloc(cap + 1);
+    n = buf != NULL ? fread(buf, 1, cap + 1, f) : 0;
+    fclose(f);
+    if (buf == NULL || n > cap) {
+        fprintf(stderr, "ingestd: %s is larger than 64 KiB\n", path);
+        free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
+static int device_set_jwt_key(registry_t *reg, const char *id,
+                              const char *alg, const char *key_path)
+{
+    char err[160] = "";
+    char *pem;
+    int rc;
+
+    if (alg == NULL || key_path == NULL) {
+        fprintf(stderr, "ingestd: device set-jwt-key needs --alg "
+                        "RS256|ES256|EdDSA and --public-key FILE.pem\n");
+        return 2;
+    }
+    pem = read_small_file(key_path);
+    if (pem == NULL)
+        return 2;
+    rc = registry_device_set_jwt_key(reg, id, alg, pem, err, sizeof(err));
+    free(pem);
+    if (rc == ING_EINVAL) {
+        fprintf(stderr, "ingestd: %s: %s\n", key_path, err);
+        return 2;
+    }
+    if (rc != 0)
+        return change_failed("setting the JWT key", id, rc);
+    printf("Device \"%s\" accepts JWTs signed with %s by the key in %s.\n",
+           id, alg, key_path);
+    return 0;
+}
+
+static int device_new_jwt_secret(registry_t *reg, const char *id)
+{
+    char secret[AUTH_JWT_SECRET_TEXT_LEN + 1];
+    int rc = registry_device_new_jwt_secret(reg, id, secret);
+
+    if (rc != 0)
+        return change_failed("creating the HS256 secret", id, rc);
+    printf("New HS256 secret for device \"%s\", shown only once (base64url; "
+           "the HMAC key is the 32 decoded bytes):\n%s\n",
+           id, secret);
+    OPENSSL_cleanse(secret, sizeof(secret));
+    return 0;
+}
+
+static int device_clear_jwt(registry_t *reg, const char *id)
+{
+    int rc = registry_device_clear_jwt(reg, id);
+
+    if (rc != 0)
+        return change_failed("removing the JWT setting", id, rc);
+    printf("Device \"%s\" no longer accepts JWTs.\n", id);
+    return 0;
+}
+
+/* Prints one device for `device show`: never a secret or a key hash. */
+static void show_entry(const registry_entry_t *e, void *arg)
+{
+    char created[32], rotated[32], old_until[32];
+    char fp[32 * 3];
+
+    (void)arg;
+    format_ms(e->created_ms, created, sizeof(created));
+    format_ms(e->key_rotated_ms, rotated, sizeof(rotated));
+    format_ms(e->old_key_expires_ms, old_until, sizeof(old_until));
+    printf("id:                  %s\n", e->id);
+    printf("type:                %s\n", e->type);
+    printf("status:              %s\n", e->enabled ? "enabled" : "disabled");
+    printf("created:             %s\n", created);
+    printf("key rotated:         %s\n", rotated);
+    printf("old key valid until: %s\n", old_until);
+    printf("api key:             yes\n");
+    if (e->cert_fingerprint != NULL) {
+        format_fingerprint(e->cert_fingerprint, fp);
+        printf("certificate:         pinned, SHA-256 %s\n", fp);
+    } else {
+        printf("certificate:         not pinned\n");
+    }
+    printf("jwt:                 %s\n", e->jwt_alg ? e->jwt_alg : "no");
+}
+
+static int device_show(registry_t *reg, const char *id)
+{
+    int rc = registry_device_get(reg, id, show_entry, NULL);
+
+    if (rc != 0)
+        return change_failed("reading", id, rc);
+    return 0;
+}
+
 static void device_usage(FILE *f)
 {
     fprintf(f,
@@ -163,7 +396,15 @@ static void device_usage(FILE *f)
             "       ingestd device list -c FILE\n"
             "       ingestd device disable ID -c FILE\n"
             "       ingestd device enable ID -c FILE\n"
-            "       ingestd device rotate-key ID [--grace DURATION] -c FILE\n");
+            "       ingestd device rotate-key ID [--grace DURATION] -c FILE\n"
+            "       ingestd device show ID -c FILE\n"
+            "       ingestd device set-cert ID (--fingerprint HEX | --cert "
+            "FILE.pem) -c FILE\n"
+            "       ingestd device clear-cert ID -c FILE\n"
+            "       ingestd device set-jwt-key ID --alg RS256|ES256|EdDSA "
+            "--public-key FILE.pem -c FILE\n"
+            "       ingestd device new-jwt-secret ID -c FILE\n"
+            "       ingestd device clear-jwt ID -c FILE\n");
 }
 
 int app_device(const char *config_path, int argc, char **argv)
@@ -171,10 +412,15 @@ int app_device(const char *config_path, int argc, char **argv)
     static const struct option opts[] = {
         {"type", required_argument, NULL, 't'},
         {"grace", required_argument, NULL, 'g'},
+        {"fingerprint", required_argument, NULL, 'f'},
+        {"cert", required_argument, NULL, 'C'},
+        {"alg", required_argument, NULL, 'a'},
+        {"public-key", required_argument, NULL, 'k'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *type = NULL, *grace = NULL, *sub, *id = NULL;
+    const char *fingerprint = NULL, *cert = NULL, *alg = NULL, *key = NULL;
     char err[1024];
     config_t *cfg = NULL;
     registry_t *reg = NULL;
@@ -186,13 +432,25 @@ int app_device(const char *config_path, int argc, char **argv)
     }
     sub = argv[0];
     optind = 1;
-    while ((c = getopt_long(argc, argv, "t:g:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "t:g:f:C:a:k:h", opts, NULL)) != -1) {
         switch (c) {
         case 't':
             type = optarg;
             break;
         case 'g':
             grace = optarg;
+            break;
+        case 'f':
+            fingerprint = optarg;
+            break;
+        case 'C':
+            cert = optarg;
+            break;
+        case 'a':
+            alg = optarg;
+            break;
+        case 'k':
+            key = optarg;
             break;
         case 'h':
             device_usage(stdout);
@@ -234,6 +492,18 @@ int app_device(const char *config_path, int argc, char **argv)
         rc = device_set_enabled(reg, id, 1);
     } else if (strcmp(sub, "rotate-key") == 0) {
         rc = device_rotate(cfg, reg, id, grace);
+    } else if (strcmp(sub, "show") == 0) {
+        rc = device_show(reg, id);
+    } else if (strcmp(sub, "set-cert") == 0) {
+        rc = device_set_cert(reg, id, fingerprint, cert);
+    } else if (strcmp(sub, "clear-cert") == 0) {
+        rc = device_clear_cert(reg, id);
+    } else if (strcmp(sub, "set-jwt-key") == 0) {
+        rc = device_set_jwt_key(reg, id, alg, key);
+    } else if (strcmp(sub, "new-jwt-secret") == 0) {
+        rc = device_new_jwt_secret(reg, id);
+    } else if (strcmp(sub, "clear-jwt") == 0) {
+        rc = device_clear_jwt(reg, id);
     } else {
         fprintf(stderr, "ingestd: unknown device command \"%s\"\n", sub);
         device_usage(stderr);

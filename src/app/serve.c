@@ -460,8 +460,10 @@ static int resolve_workers(const config_t *cfg)
  * service runs before any device was added. */
 static int open_auth(server_t *s, char *err, size_t errlen)
 {
+    auth_options_t opts = {0};
     struct stat st;
     char *dir;
+    int rc;
 
     /* The registry usually lives in data_dir, which a first start makes. */
     dir = strdup(s->cfg->registry.path);
@@ -484,7 +486,21 @@ static int open_auth(server_t *s, char *err, size_t errlen)
         log_info("created an empty device registry", "path=%s",
                  s->cfg->registry.path);
     }
-    return auth_open(s->cfg->registry.path, &s->auth, err, errlen);
+    rc = auth_open(s->cfg->registry.path, &s->auth, err, errlen);
+    if (rc != 0)
+        return rc;
+    opts.jwt_leeway_s = (int64_t)(s->cfg->jwt.leeway_ms / 1000);
+    opts.jwt_max_lifetime_s = (int64_t)(s->cfg->jwt.max_lifetime_ms / 1000);
+    opts.jwt_audience = s->cfg->jwt.audience;
+    opts.jwt_issuer = s->cfg->jwt.issuer;
+    opts.max_failures_per_minute = s->cfg->auth.max_failures_per_minute;
+    opts.block_duration_ms = s->cfg->auth.block_duration_ms;
+    opts.guard_table_size = (size_t)s->cfg->auth.guard_table_size;
+    rc = auth_set_options(s->auth, &opts);
+    if (rc != 0)
+        snprintf(err, errlen, "applying the jwt and auth settings failed: %s",
+                 ing_strerror(rc));
+    return rc;
 }
 
 static int start_storage(server_t *s, char *err, size_t errlen)

@@ -237,6 +237,12 @@ uint64_t auth_guard_check(auth_t *a, const struct sockaddr *addr);
  * reaches the limit. Thread-safe. */
 void auth_guard_failed(auth_t *a, const struct sockaddr *addr);
 
+/* auth_guard_check and auth_guard_failed for a peer written as "ip:port"
+ * or "[ipv6]:port", as connections record it. A peer that does not parse
+ * is never blocked or counted. */
+uint64_t auth_guard_check_peer(auth_t *a, const char *peer);
+void auth_guard_failed_peer(auth_t *a, const char *peer);
+
 /* Number of addresses the guard table tracks now. */
 size_t auth_guard_entries(auth_t *a);
 

@@ -5,6 +5,7 @@
  * on a least-recently-used list, so a full table forgets the address seen
  * least recently and memory never grows past auth.guard_table_size.
  */
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -292,4 +293,56 @@ size_t auth_guard_entries(auth_t *a)
     used = a->guard->used;
     pthread_mutex_unlock(&a->guard->lock);
     return used;
+}
+
+/* Parses "a.b.c.d:port" or "[v6]:port" into `ss`. Returns 0 or -1. */
+static int parse_peer(const char *peer, struct sockaddr_storage *ss)
+{
+    char host[64];
+    const char *end;
+    size_t len;
+
+    memset(ss, 0, sizeof(*ss));
+    if (peer == NULL)
+        return -1;
+    if (peer[0] == '[') {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+
+        end = strchr(peer, ']');
+        if (end == NULL || (size_t)(end - peer - 1) >= sizeof(host))
+            return -1;
+        len = (size_t)(end - peer - 1);
+        memcpy(host, peer + 1, len);
+        host[len] = '\0';
+        in6->sin6_family = AF_INET6;
+        return inet_pton(AF_INET6, host, &in6->sin6_addr) == 1 ? 0 : -1;
+    }
+    end = strrchr(peer, ':');
+    len = end != NULL ? (size_t)(end - peer) : strlen(peer);
+    if (len >= sizeof(host))
+        return -1;
+    memcpy(host, peer, len);
+    host[len] = '\0';
+    ((struct sockaddr_in *)ss)->sin_family = AF_INET;
+    return inet_pton(AF_INET, host, &((struct sockaddr_in *)ss)->sin_addr) ==
+                   1
+               ? 0
+               : -1;
+}
+
+uint64_t auth_guard_check_peer(auth_t *a, const char *peer)
+{
+    struct sockaddr_storage ss;
+
+    if (parse_peer(peer, &ss) != 0)
+        return 0;
+    return auth_guard_check(a, (const struct sockaddr *)&ss);
+}
+
+void auth_guard_failed_peer(auth_t *a, const char *peer)
+{
+    struct sockaddr_storage ss;
+
+    if (parse_peer(peer, &ss) == 0)
+        auth_guard_failed(a, (const struct sockaddr *)&ss);
 }

@@ -22,29 +22,49 @@ static void retry_after_header(const http_listener_t *l, char *buf,
              (unsigned long long)l->limits.retry_after_s);
 }
 
-/* Checks the API key. Returns 1 when the device may send. */
+/* Checks the credential (an API key or a JWT) after the guard of failed
+ * authentications. Returns 1 when the device may send. */
 static int authenticate(http_conn_t *c, http_request_t *r)
 {
     enum auth_result res = AUTH_UNKNOWN_KEY;
+    auth_t *auth = c->listener->auth;
+    auth_failure_t why = {"malformed", "the credential is too long"};
+    char headers[320];
+    char message[224];
+    uint64_t wait_s;
 
     if (r->key_len == 0 && !r->key_overflow) {
         http_request_reject(c, 401, "missing_credentials",
-                            "no API key was sent; send it as "
-                            "\"Authorization: Bearer KEY\" or "
-                            "\"X-API-Key: KEY\"",
+                            "no credential was sent; send an API key or a "
+                            "JWT as \"Authorization: Bearer TOKEN\", or an "
+                            "API key as \"X-API-Key: KEY\"",
                             "WWW-Authenticate: Bearer\r\n",
                             HTTP_REJECT_AFTER_BODY, NULL);
         return 0;
     }
+    wait_s = auth_guard_check_peer(auth, c->peer);
+    if (wait_s > 0) {
+        snprintf(headers, sizeof(headers), "Retry-After: %llu\r\n",
+                 (unsigned long long)wait_s);
+        http_request_reject(c, 429, "too_many_auth_failures",
+                            "too many failed authentications from this "
+                            "address; retry after the Retry-After delay",
+                            headers, HTTP_REJECT_AFTER_BODY, NULL);
+        return 0;
+    }
     if (!r->key_overflow)
-        res = auth_check_key(c->listener->auth, r->key, r->key_len, &r->dev);
+        res = auth_check_credential(auth, r->key, r->key_len, NULL, &r->dev,
+                                    NULL, NULL, &why);
     if (res == AUTH_UNKNOWN_KEY) {
-        http_request_reject(c, 401, "invalid_credentials",
-                            "the API key is unknown or expired; use the key "
-                            "that \"ingestd device add\" or \"rotate-key\" "
-                            "printed",
-                            "WWW-Authenticate: Bearer error=\"invalid_token\""
-                            "\r\n",
+        auth_guard_failed_peer(auth, c->peer);
+        /* RFC 6750 section 3: the description is shown to developers. The
+         * details are fixed strings without quotes or backslashes. */
+        snprintf(headers, sizeof(headers),
+                 "WWW-Authenticate: Bearer error=\"invalid_token\", "
+                 "error_description=\"%s\"\r\n",
+                 why.detail);
+        snprintf(message, sizeof(message), "%s: %s", why.reason, why.detail);
+        http_request_reject(c, 401, "invalid_credentials", message, headers,
                             HTTP_REJECT_AFTER_BODY, NULL);
         return 0;
     }

@@ -140,7 +140,10 @@ enum http_conn_state {
 #define HTTP_FIELD_MAX 64
 #define HTTP_VALUE_MAX 1024
 #define HTTP_CTYPE_MAX 256
-#define HTTP_KEY_MAX 128
+/* Longest credential kept from Authorization or X-API-Key. A header value
+ * is at most HTTP_VALUE_MAX anyway, so JWTs over HTTP are limited to
+ * that, below AUTH_CREDENTIAL_MAX. */
+#define HTTP_KEY_MAX HTTP_VALUE_MAX
 #define HTTP_WS_KEY_MAX 64
 #define HTTP_WS_VERSION_MAX 16
 #define HTTP_WS_PROTOCOLS_MAX 256

@@ -215,22 +215,42 @@ static int handshake_ok(http_conn_t *c, const http_request_t *r)
     return 1;
 }
 
-/* Checks an API key sent in a header. A request without one passes, and
- * its client authenticates with its first message. Returns 1 when the
- * upgrade may go on. */
+/* Checks a credential (API key or JWT) sent in a header, after the guard
+ * of failed authentications. A request without one passes, and its client
+ * authenticates with its first message. Returns 1 when the upgrade may go
+ * on. */
 static int key_ok(http_conn_t *c, http_request_t *r)
 {
     enum auth_result res = AUTH_UNKNOWN_KEY;
+    auth_t *auth = c->listener->auth;
+    auth_failure_t why = {"malformed", "the credential is too long"};
+    char headers[320];
+    char message[224];
+    uint64_t wait_s;
 
     if (r->key_len == 0 && !r->key_overflow)
         return 1;
+    wait_s = auth_guard_check_peer(auth, c->peer);
+    if (wait_s > 0) {
+        snprintf(headers, sizeof(headers), "Retry-After: %llu\r\n",
+                 (unsigned long long)wait_s);
+        reject(c, 429, "too_many_auth_failures",
+               "too many failed authentications from this address; retry "
+               "after the Retry-After delay",
+               headers);
+        return 0;
+    }
     if (!r->key_overflow)
-        res = auth_check_key(c->listener->auth, r->key, r->key_len, &r->dev);
+        res = auth_check_credential(auth, r->key, r->key_len, NULL, &r->dev,
+                                    NULL, NULL, &why);
     if (res == AUTH_UNKNOWN_KEY) {
-        reject(c, 401, "invalid_credentials",
-               "the API key is unknown or expired; use the key that "
-               "\"ingestd device add\" or \"rotate-key\" printed",
-               "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n");
+        auth_guard_failed_peer(auth, c->peer);
+        snprintf(headers, sizeof(headers),
+                 "WWW-Authenticate: Bearer error=\"invalid_token\", "
+                 "error_description=\"%s\"\r\n",
+                 why.detail);
+        snprintf(message, sizeof(message), "%s: %s", why.reason, why.detail);
+        reject(c, 401, "invalid_credentials", message, headers);
         return 0;
     }
     r->have_dev = 1;

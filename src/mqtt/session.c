@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/errors.h"
 #include "core/log.h"
@@ -57,6 +58,31 @@ static void unlink_session(mqtt_session_t *s)
     l->session_count--;
 }
 
+/* Milliseconds until the session's JWT expires, UINT64_MAX without one. */
+static uint64_t ms_to_expiry(const mqtt_session_t *s)
+{
+    int64_t left;
+
+    if (s->auth_expires_at == 0)
+        return UINT64_MAX;
+    left = s->auth_expires_at - (int64_t)time(NULL);
+    return left > 0 ? (uint64_t)left * 1000 : 0;
+}
+
+static void on_keepalive(uv_timer_t *t);
+
+/* Starts the timer for the earlier of `keepalive_left_ms` (UINT64_MAX for
+ * none) and the JWT's expiry. */
+static void arm_timer(mqtt_session_t *s, uint64_t keepalive_left_ms)
+{
+    uint64_t ms = ms_to_expiry(s);
+
+    if (keepalive_left_ms < ms)
+        ms = keepalive_left_ms;
+    if (ms != UINT64_MAX)
+        uv_timer_start(&s->timer, on_keepalive, ms, 0);
+}
+
 static void on_keepalive(uv_timer_t *t)
 {
     mqtt_session_t *s = t->data;
@@ -71,11 +97,25 @@ static void on_keepalive(uv_timer_t *t)
         mqtt_session_close(s);
         return;
     }
-    if (s->keepalive_ms == 0 || s->phase != MQTT_PHASE_ACTIVE)
+    if (s->phase != MQTT_PHASE_ACTIVE)
         return;
+    if (s->auth_expires_at != 0 && ms_to_expiry(s) == 0) {
+        /* 5.0 has a reason code for a connection that may not last
+         * longer. A 3.1.1 client sees the connection close. */
+        log_write_limited("mqtt_token_expired", 5, LOG_LEVEL_INFO,
+                          "mqtt session ended: its token expired",
+                          "conn=%llu client=%s device=%s peer=%s",
+                          (unsigned long long)s->id, s->client_id,
+                          s->device.id, s->peer);
+        mqtt_session_fail(s, MQTT_RC_MAXIMUM_CONNECT_TIME, "token expired");
+        return;
+    }
+    if (s->keepalive_ms == 0) {
+        arm_timer(s, UINT64_MAX);
+        return;
+    }
     if (now - s->last_rx_ms < s->keepalive_ms) {
-        uv_timer_start(t, on_keepalive,
-                       s->keepalive_ms - (now - s->last_rx_ms), 0);
+        arm_timer(s, s->keepalive_ms - (now - s->last_rx_ms));
         return;
     }
     log_write_limited("mqtt_keepalive", 5, LOG_LEVEL_INFO,
@@ -90,8 +130,7 @@ static void on_keepalive(uv_timer_t *t)
 void mqtt_session_arm_keepalive(mqtt_session_t *s)
 {
     uv_timer_stop(&s->timer);
-    if (s->keepalive_ms > 0)
-        uv_timer_start(&s->timer, on_keepalive, s->keepalive_ms, 0);
+    arm_timer(s, s->keepalive_ms > 0 ? s->keepalive_ms : UINT64_MAX);
 }
 
 static void on_retry(uv_timer_t *t)

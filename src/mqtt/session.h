@@ -109,6 +109,7 @@ struct mqtt_session {
     int version;
     char client_id[MQTT_CLIENT_ID_MAX + 1];
     auth_device_t device;
+    int64_t auth_expires_at; /* the CONNECT's JWT exp (Unix s), or 0 */
     mqtt_state_t *state;
     uint32_t session_expiry; /* seconds, as granted */
 

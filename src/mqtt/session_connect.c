@@ -28,33 +28,41 @@ typedef struct auth_outcome {
     auth_device_t dev;
     uint8_t reason;     /* 5.0 reason code on rejection */
     const char *metric; /* label of ingestd_mqtt_auth_failures_total */
+    int64_t expires_at; /* a JWT's exp (Unix seconds), or 0 */
+    auth_failure_t why; /* the credential check's reason, when it ran */
 } auth_outcome_t;
 
 typedef int (*auth_step_fn)(mqtt_session_t *s, const mqtt_connect_t *c,
                             auth_outcome_t *out);
 
-/* User name = device id, password = the device's API key. */
+/* User name = device id, password = an API key or a JWT of that device. */
 static int auth_api_key(mqtt_session_t *s, const mqtt_connect_t *c,
                         auth_outcome_t *out)
 {
+    char claimed[AUTH_DEVICE_ID_MAX + 1];
     enum auth_result res;
 
     if (c->username.data == NULL || c->password.data == NULL)
         return AUTH_STEP_SKIP;
-    res = auth_check_key(s->listener->auth, (const char *)c->password.data,
-                         c->password.len, &out->dev);
-    if (res == AUTH_UNKNOWN_KEY) {
-        out->reason = MQTT_RC_BAD_USERNAME_OR_PASSWORD;
-        out->metric = "bad_password";
-        return AUTH_STEP_REJECT;
-    }
-    if (c->username.len != strlen(out->dev.id) ||
-        memcmp(c->username.data, out->dev.id, c->username.len) != 0) {
-        /* The key is valid, but for another device than the user name:
-         * treated like a wrong password, so nothing leaks about which
-         * device the key belongs to. */
+    if (c->username.len > AUTH_DEVICE_ID_MAX) {
         out->reason = MQTT_RC_BAD_USERNAME_OR_PASSWORD;
         out->metric = "username_mismatch";
+        return AUTH_STEP_REJECT;
+    }
+    memcpy(claimed, c->username.data, c->username.len);
+    claimed[c->username.len] = '\0';
+    /* A key or token of another device than the user name is treated like
+     * a wrong password, so nothing leaks about which device it belongs
+     * to. */
+    res = auth_check_credential(s->listener->auth,
+                                (const char *)c->password.data,
+                                c->password.len, claimed, &out->dev, NULL,
+                                &out->expires_at, &out->why);
+    if (res == AUTH_UNKNOWN_KEY) {
+        out->reason = MQTT_RC_BAD_USERNAME_OR_PASSWORD;
+        out->metric = strcmp(out->why.reason, "device_mismatch") == 0
+                          ? "username_mismatch"
+                          : "bad_password";
         return AUTH_STEP_REJECT;
     }
     if (res == AUTH_DISABLED) {
@@ -151,6 +159,26 @@ static int reject(mqtt_session_t *s, int version, uint8_t reason,
     }
     s->version = version;
     send_connack(s, version, &connack);
+    mqtt_session_close(s);
+    return -1;
+}
+
+/* Rejects a CONNECT from an address blocked after too many failed
+ * authentications, without checking its credential. MQTT 3.1.1 has no
+ * return code for this, so a 3.1.1 client sees the connection close
+ * without CONNACK. */
+static int reject_blocked(mqtt_session_t *s, int version)
+{
+    if (version == MQTT_V5)
+        return reject(s, version, MQTT_RC_CONNECTION_RATE_EXCEEDED,
+                      "auth_blocked",
+                      "too_many_auth_failures: too many failed "
+                      "authentications from this address; retry later");
+    mqtt_metrics_auth_failure("auth_blocked");
+    log_write_limited("mqtt_connect_rejected", 10, LOG_LEVEL_INFO,
+                      "mqtt connection rejected",
+                      "conn=%llu peer=%s reason=auth_blocked",
+                      (unsigned long long)s->id, s->peer);
     mqtt_session_close(s);
     return -1;
 }
@@ -304,10 +332,22 @@ int mqtt_session_on_connect(mqtt_session_t *s, const mqtt_frame_t *frame)
     if (s->draining || s->listener->draining)
         return reject(s, c.version, MQTT_RC_SERVER_SHUTTING_DOWN,
                       "shutting_down", "server shutting down");
-    if (authenticate(s, &c, &auth) != AUTH_STEP_ACCEPT)
-        return reject(s, c.version, auth.reason, auth.metric,
-                      "authentication failed");
+    if (auth_guard_check_peer(s->listener->auth, s->peer) > 0)
+        return reject_blocked(s, c.version);
+    if (authenticate(s, &c, &auth) != AUTH_STEP_ACCEPT) {
+        char text[200];
+
+        if (auth.reason == MQTT_RC_BAD_USERNAME_OR_PASSWORD)
+            auth_guard_failed_peer(s->listener->auth, s->peer);
+        if (auth.why.reason != NULL)
+            snprintf(text, sizeof(text), "%s: %s", auth.why.reason,
+                     auth.why.detail);
+        else
+            snprintf(text, sizeof(text), "authentication failed");
+        return reject(s, c.version, auth.reason, auth.metric, text);
+    }
     s->device = auth.dev;
+    s->auth_expires_at = auth.expires_at;
     expiry = granted_expiry(s, &c, &capped);
     rc = mqtt_table_attach(s, c.clean_start || assigned, expiry, &s->state,
                            &present);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/errors.h"
 #include "core/log.h"
@@ -45,7 +46,8 @@ struct session {
     ws_conn_t *ws; /* NULL once the connection closed */
     ws_ingest_config_t cfg;
     auth_device_t dev;
-    char key[AUTH_KEY_LEN + 1]; /* kept to check it again per message */
+    char *cred;         /* API key or JWT, checked again per message */
+    int64_t expires_at; /* a JWT's exp (Unix seconds), or 0 */
     int authenticated;
     int draining;
     int closing; /* we sent a close frame: input is ignored */
@@ -117,7 +119,10 @@ static void msg_done(msg_t *m, json_t *reply, int fatal)
 static void session_maybe_free(session_t *s)
 {
     if (s->ws == NULL && s->pending == 0) {
-        explicit_bzero(s->key, sizeof(s->key));
+        if (s->cred != NULL) {
+            explicit_bzero(s->cred, strlen(s->cred));
+            free(s->cred);
+        }
         free(s);
     }
 }
@@ -269,18 +274,41 @@ static void send_auth_ok(session_t *s)
     free(text);
 }
 
-/* Checks `key` (of `len` bytes) and stores it and its device. Returns 1,
- * or 0 after closing the connection with 1008. */
-static int check_key(session_t *s, const char *key, size_t len)
+/* Arms the session timer to close the connection when its JWT expires. */
+static void arm_expiry(session_t *s)
+{
+    int64_t left_s = s->expires_at - (int64_t)time(NULL);
+
+    if (s->expires_at == 0)
+        return;
+    ws_conn_set_timeout(s->ws, left_s > 0 ? (uint64_t)left_s * 1000 : 1);
+}
+
+/* Checks the credential `cred` (an API key or a JWT, `len` bytes) and
+ * stores it and its device. Returns 1, or 0 after closing the connection
+ * with 1008. */
+static int check_credential(session_t *s, const char *cred, size_t len)
 {
     auth_device_t dev;
+    auth_failure_t why = {"malformed", "the credential is too long"};
     enum auth_result res = AUTH_UNKNOWN_KEY;
+    int64_t expires_at = 0;
+    char reason[120];
 
-    /* No valid key is longer than AUTH_KEY_LEN. */
-    if (len <= AUTH_KEY_LEN)
-        res = auth_check_key(s->cfg.auth, key, len, &dev);
+    if (len <= AUTH_CREDENTIAL_MAX)
+        res = auth_check_credential(s->cfg.auth, cred, len, NULL, &dev, NULL,
+                                    &expires_at, &why);
     if (res == AUTH_UNKNOWN_KEY) {
-        reject_auth(s, "the API key is unknown or expired");
+        /* A credential that passed once and fails now was revoked or
+         * expired, which is no guessing. */
+        if (!s->authenticated)
+            auth_guard_failed_peer(s->cfg.auth, s->peer);
+        if (why.reason != NULL && strcmp(why.reason, "expired") == 0)
+            snprintf(reason, sizeof(reason), "token expired");
+        else
+            snprintf(reason, sizeof(reason), "invalid credential: %s",
+                     why.reason ? why.reason : "unknown_key");
+        reject_auth(s, reason);
         return 0;
     }
     if (res == AUTH_DISABLED) {
@@ -288,32 +316,52 @@ static int check_key(session_t *s, const char *key, size_t len)
                        "enable it");
         return 0;
     }
-    if (key != s->key) {
-        memcpy(s->key, key, len);
-        s->key[len] = '\0';
+    if (cred != s->cred) {
+        char *copy = malloc(len + 1);
+
+        if (copy == NULL) {
+            close_session(s, WS_CLOSE_INTERNAL_ERROR, "out of memory");
+            return 0;
+        }
+        memcpy(copy, cred, len);
+        copy[len] = '\0';
+        free(s->cred);
+        s->cred = copy;
     }
     s->dev = dev;
+    s->expires_at = expires_at;
     return 1;
 }
 
 /* Handles the first message of a connection whose upgrade request had no
- * key: it must be {"type":"auth","key":"ik_..."}. */
+ * credential: it must be {"type":"auth","key":"..."} with an API key or a
+ * JWT. */
 static void authenticate(session_t *s, const char *text, size_t len)
 {
-    json_t *root = json_loadb(text, len, 0, NULL);
-    const char *type = json_string_value(json_object_get(root, "type"));
-    json_t *key = json_object_get(root, "key");
+    json_t *root = NULL;
+    const char *type;
+    json_t *key;
 
+    if (auth_guard_check_peer(s->cfg.auth, s->peer) > 0) {
+        reject_auth(s, "too many failed authentications from this address; "
+                       "retry later");
+        return;
+    }
+    root = json_loadb(text, len, 0, NULL);
+    type = json_string_value(json_object_get(root, "type"));
+    key = json_object_get(root, "key");
     if (type == NULL || strcmp(type, "auth") != 0 || !json_is_string(key)) {
+        auth_guard_failed_peer(s->cfg.auth, s->peer);
         reject_auth(s, "the first message must be "
                        "{\"type\":\"auth\",\"key\":\"...\"} unless the "
                        "upgrade request sent an API key header");
         goto done;
     }
-    if (!check_key(s, json_string_value(key), json_string_length(key)))
+    if (!check_credential(s, json_string_value(key), json_string_length(key)))
         goto done;
     s->authenticated = 1;
     ws_conn_set_timeout(s->ws, 0);
+    arm_expiry(s);
     log_debug("websocket authenticated", "conn=%llu peer=%s device=%s",
               (unsigned long long)s->conn_id, s->peer, s->dev.id);
     send_auth_ok(s);
@@ -354,7 +402,7 @@ static void on_text(ws_conn_t *ws, const char *text, size_t len, void *arg)
         authenticate(s, text, len);
         return;
     }
-    if (!check_key(s, s->key, strlen(s->key)))
+    if (!check_credential(s, s->cred, strlen(s->cred)))
         return;
     /* Messages start in arrival order, so a message waits when an
      * earlier one is parked. */
@@ -423,9 +471,13 @@ static void on_timeout(ws_conn_t *ws, void *arg)
     session_t *s = arg;
 
     (void)ws;
-    if (!s->authenticated && !s->closing)
+    if (s->closing)
+        return;
+    if (!s->authenticated)
         reject_auth(s, "authentication timed out; send "
                        "{\"type\":\"auth\",\"key\":\"...\"} first");
+    else if (s->expires_at != 0)
+        reject_auth(s, "token expired");
 }
 
 static void on_close(ws_conn_t *ws, uint16_t code, void *arg)
@@ -477,9 +529,11 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
     }
     /* The HTTP module checked a header key already, but the registry may
      * have changed since, and then the connection closes with 1008. */
-    if (key != NULL)
-        s->authenticated = check_key(s, key, strlen(key));
-    else
+    if (key != NULL) {
+        s->authenticated = check_credential(s, key, strlen(key));
+        if (s->authenticated)
+            arm_expiry(s);
+    } else
         ws_conn_set_timeout(s->ws, cfg->auth_timeout_ms);
     log_debug("websocket opened", "conn=%llu peer=%s device=%s auth=%s",
               (unsigned long long)s->conn_id, s->peer, device_of(s),

@@ -165,10 +165,12 @@ typedef struct ws_ingest_config {
 } ws_ingest_config_t;
 
 /* Opens a telemetry session on `stream`, as ws_conn_open does. `key` is the
- * API key that the upgrade request sent in a header, or NULL, in which case
- * the first message must be {"type":"auth","key":"..."}. The key is checked
- * again before each message, so that disabling the device or revoking the
- * key also ends open connections. Returns the connection, or NULL on
+ * credential (API key or JWT) that the upgrade request sent in a header, or
+ * NULL, in which case the first message must be
+ * {"type":"auth","key":"..."}. The credential is checked again before each
+ * message, so that disabling the device or revoking the key also ends open
+ * connections, and a session authenticated by a JWT closes with 1008
+ * "token expired" at the token's exp. Returns the connection, or NULL on
  * allocation failure. */
 ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
                           const ws_ingest_config_t *cfg, const char *key);
