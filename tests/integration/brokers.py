@@ -496,14 +496,15 @@ class RabbitMQ:
             socket_timeout=10, blocked_connection_timeout=10)
         return pika.BlockingConnection(params)
 
-    def bind_queue(self, queue, exchange="telemetry", binding_key="#"):
-        """Declare a durable queue and bind it to the durable topic
-        exchange `exchange`, declared as the sink declares it."""
+    def bind_queue(self, queue, exchange="telemetry", binding_key="#",
+                   exchange_type="topic", durable_exchange=True):
+        """Declare a durable queue and bind it to `exchange`, by default a
+        durable topic exchange, declared as the sink declares it."""
         conn = self._connection()
         try:
             ch = conn.channel()
-            ch.exchange_declare(exchange, exchange_type="topic",
-                                durable=True)
+            ch.exchange_declare(exchange, exchange_type=exchange_type,
+                                durable=durable_exchange)
             ch.queue_declare(queue, durable=True)
             ch.queue_bind(queue, exchange, routing_key=binding_key)
         finally:

@@ -229,6 +229,25 @@ def test_rabbitmq_unroutable_dead_lettered(tmp_path, rabbitmq):
         assert server.finish() == 0
 
 
+def test_rabbitmq_existing_direct_exchange(tmp_path, rabbitmq):
+    # Declaring this exchange as a durable topic exchange fails with 406
+    # PRECONDITION_FAILED, so the sink checks it with a passive declare
+    # and publishes to it as it is.
+    rabbitmq.bind_queue("direct", exchange="direct", exchange_type="direct",
+                        durable_exchange=False, binding_key="default.dev-3")
+    server = Ingestd(tmp_path / "ingestd", rabbitmq, exchange="direct")
+    server.start()
+    reader = Reader(rabbitmq, "direct")
+    try:
+        ids = server.post("dev-3", [reading("dev-3", i) for i in range(5)])
+        wait_for_ids(reader.ids, ids, timeout_s=20)
+        server.wait_metric("ingestd_sink_lag_bytes", 0)
+        assert server.metric("ingestd_sink_dead_lettered_total") == 0
+        assert report_duplicates(reader.ids(), "direct") == 0
+    finally:
+        assert server.finish() == 0
+
+
 def test_rabbitmq_wrong_password_retries(tmp_path, rabbitmq):
     rabbitmq.bind_queue("login", exchange="login")
     server = Ingestd(tmp_path / "ingestd", rabbitmq, exchange="login",
