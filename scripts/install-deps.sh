@@ -11,7 +11,7 @@ librabbitmq-dev libnats-dev libmosquitto-dev"
 test_pkgs="libcmocka-dev curl python3 python3-requests python3-pytest \
 sqlite3 wrk nginx-light mosquitto mosquitto-clients \
 python3-websockets kcat python3-paho-mqtt redis-server redis-tools \
-rabbitmq-server python3-pika nats-server"
+rabbitmq-server python3-pika nats-server python3-cryptography"
 fuzz_pkgs="clang"
 
 want="$build_pkgs"
