@@ -133,7 +133,7 @@ static int address_key(const struct sockaddr *addr, uint8_t key[16])
             memcpy(key, in6->sin6_addr.s6_addr, 16);
             return 0;
         }
-        /* One subscriber usually holds a whole /64, so the prefix is
+        /* One subscriber usually gets a whole /64, so the prefix is
          * counted as one source. */
         memcpy(key, in6->sin6_addr.s6_addr, 8);
         return 0;

@@ -3,8 +3,8 @@
  * can be pinned to.
  *
  * The device is the `sub` claim. Its registry entry fixes the one
- * algorithm and key that verify its tokens, so the header's alg is only
- * compared against it, never used to choose a key: that is what rejects
+ * algorithm and key that verify its tokens. The header's alg is only
+ * compared against that algorithm and never chooses a key, which rejects
  * "none" and HS256 tokens made with a public key as the secret.
  */
 #include <jansson.h>
