@@ -84,8 +84,12 @@ static void api_check(http_conn_t *c, http_request_t *r)
     http_listener_t *l = c->listener;
     const llhttp_t *p = &c->parser;
     char headers[64];
+    int cert = http_cert_check(c, r);
 
-    if (!authenticate(c, r))
+    if (cert == HTTP_CERT_REJECTED)
+        return;
+    if (cert == HTTP_CERT_NONE && (!authenticate(c, r) ||
+                                   !http_cert_matches(c, r)))
         return;
     if (!(p->flags & (F_CONTENT_LENGTH | F_CHUNKED))) {
         /* Without framing any body bytes would be read as the next

@@ -361,6 +361,24 @@ void http_listener_conn_ready(net_conn_t *n);
 /* Logs a rejected request at warn, rate-limited. */
 void http_log_reject(http_conn_t *c, int status, const char *code);
 
+/* ---- TLS client certificates (cert_auth.c) ---- */
+
+enum http_cert_result {
+    HTTP_CERT_NONE = 0,     /* no certificate, or a credential was sent */
+    HTTP_CERT_ACCEPTED = 1, /* r->dev is the certificate's device */
+    HTTP_CERT_REJECTED = 2, /* a rejection of the request is recorded */
+};
+
+/* Authenticates a request without a credential header on a connection
+ * with a verified client certificate as the certificate's device.
+ * Returns an enum http_cert_result. */
+int http_cert_check(http_conn_t *c, http_request_t *r);
+
+/* After a credential authenticated r->dev, checks that it is the device
+ * of the connection's client certificate, if there is one. Returns 1, or
+ * 0 after recording a 403 rejection. */
+int http_cert_matches(http_conn_t *c, http_request_t *r);
+
 /* ---- Routes (api.c, admin.c) ---- */
 
 extern const http_route_t http_api_routes[];

@@ -283,6 +283,7 @@ void http_ws_check(http_conn_t *c, http_request_t *r)
 {
     const char *param = key_in_url(r->url);
     char message[320];
+    int cert;
 
     if (param != NULL) {
         snprintf(message, sizeof(message),
@@ -295,7 +296,12 @@ void http_ws_check(http_conn_t *c, http_request_t *r)
         reject(c, 400, "key_in_url", message, NULL);
         return;
     }
-    if (!handshake_ok(c, r) || !key_ok(c, r))
+    if (!handshake_ok(c, r))
+        return;
+    cert = http_cert_check(c, r);
+    if (cert == HTTP_CERT_REJECTED)
+        return;
+    if (cert == HTTP_CERT_NONE && (!key_ok(c, r) || !http_cert_matches(c, r)))
         return;
     not_draining(c);
 }
@@ -425,6 +431,7 @@ static ws_stream_t stream_of(http_conn_t *c)
         .loop = c->listener->loop,
         .conn_id = c->id,
         .peer = c->peer,
+        .cert = net_conn_peer_cert(&c->net),
     };
 
     return stream;

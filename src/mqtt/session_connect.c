@@ -3,9 +3,9 @@
  *
  * Authentication runs a list of steps. Each step looks at the CONNECT and
  * either does not apply (so the next one runs), accepts the device, or
- * rejects the connection with a reason code. Today the only step checks
- * the user name (the device id) and password (the API key); JWTs and
- * client certificates would be further steps.
+ * rejects the connection with a reason code. A verified TLS client
+ * certificate decides first; otherwise the user name (the device id) and
+ * password (the API key) do.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,7 +73,53 @@ static int auth_api_key(mqtt_session_t *s, const mqtt_connect_t *c,
     return AUTH_STEP_ACCEPT;
 }
 
-static const auth_step_fn auth_steps[] = {auth_api_key};
+/* Returns 1 if the MQTT string `str` equals `text`. */
+static int string_is(const mqtt_bytes_t *str, const char *text)
+{
+    return str->len == strlen(text) && memcmp(str->data, text, str->len) == 0;
+}
+
+/* A verified TLS client certificate names the device. A user name, when
+ * sent, must be that device id, and a password, when sent, must be a
+ * valid API key of the same device. The registry is asked again here,
+ * since the device may have been disabled since the handshake. */
+static int auth_certificate(mqtt_session_t *s, const mqtt_connect_t *c,
+                            auth_outcome_t *out)
+{
+    const tls_peer_t *cert = s->transport_open ? s->transport.cert : NULL;
+    auth_device_t key_dev;
+    enum auth_result res;
+
+    if (cert == NULL)
+        return AUTH_STEP_SKIP;
+    if (c->username.data != NULL &&
+        !string_is(&c->username, cert->device_id)) {
+        out->reason = MQTT_RC_BAD_USERNAME_OR_PASSWORD;
+        out->metric = "certificate_mismatch";
+        return AUTH_STEP_REJECT;
+    }
+    if (c->password.data != NULL) {
+        res = auth_check_key(s->listener->auth,
+                             (const char *)c->password.data, c->password.len,
+                             &key_dev);
+        if (res != AUTH_OK || strcmp(key_dev.id, cert->device_id) != 0) {
+            out->reason = MQTT_RC_BAD_USERNAME_OR_PASSWORD;
+            out->metric = res == AUTH_OK ? "certificate_mismatch"
+                                         : "bad_password";
+            return AUTH_STEP_REJECT;
+        }
+    }
+    res = auth_check_certificate(s->listener->auth, cert->device_id,
+                                 cert->fingerprint, &out->dev, NULL);
+    if (res != AUTH_OK) {
+        out->reason = MQTT_RC_NOT_AUTHORIZED;
+        out->metric = res == AUTH_DISABLED ? "disabled" : "certificate";
+        return AUTH_STEP_REJECT;
+    }
+    return AUTH_STEP_ACCEPT;
+}
+
+static const auth_step_fn auth_steps[] = {auth_certificate, auth_api_key};
 
 static int authenticate(mqtt_session_t *s, const mqtt_connect_t *c,
                         auth_outcome_t *out)

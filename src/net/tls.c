@@ -68,6 +68,16 @@ static int on_alpn_select(SSL *ssl, const unsigned char **out,
     return SSL_TLSEXT_ERR_OK;
 }
 
+static int key_mismatch(const config_t *cfg, char *err, size_t errlen)
+{
+    ERR_clear_error();
+    snprintf(err, errlen,
+             "tls.key_file %s: the key does not match the certificate in "
+             "tls.cert_file %s; use the key the certificate was issued for",
+             cfg->tls.key_file, cfg->tls.cert_file);
+    return ING_ECONFIG;
+}
+
 static int load_certificate(SSL_CTX *ctx, const config_t *cfg, char *err,
                             size_t errlen)
 {
@@ -77,17 +87,16 @@ static int load_certificate(SSL_CTX *ctx, const config_t *cfg, char *err,
     if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls.cert_file) != 1)
         return fail_openssl(err, errlen, what);
     snprintf(what, sizeof(what), "tls.key_file %s", cfg->tls.key_file);
+    /* OpenSSL checks the key against the certificate while loading it,
+     * and reports a mismatch as X509_R_KEY_VALUES_MISMATCH. */
     if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls.key_file,
-                                    SSL_FILETYPE_PEM) != 1)
-        return fail_openssl(err, errlen, what);
-    if (SSL_CTX_check_private_key(ctx) != 1) {
-        ERR_clear_error();
-        snprintf(err, errlen,
-                 "tls.key_file %s: the key does not match the certificate "
-                 "in tls.cert_file %s",
-                 cfg->tls.key_file, cfg->tls.cert_file);
-        return ING_ECONFIG;
+                                    SSL_FILETYPE_PEM) != 1) {
+        if (ERR_GET_REASON(ERR_peek_error()) != X509_R_KEY_VALUES_MISMATCH)
+            return fail_openssl(err, errlen, what);
+        return key_mismatch(cfg, err, errlen);
     }
+    if (SSL_CTX_check_private_key(ctx) != 1)
+        return key_mismatch(cfg, err, errlen);
     return 0;
 }
 

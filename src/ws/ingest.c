@@ -47,6 +47,8 @@ struct session {
     ws_ingest_config_t cfg;
     auth_device_t dev;
     char *cred;         /* API key or JWT, checked again per message */
+    tls_peer_t cert;    /* the TLS client certificate's device */
+    int has_cert;       /* authenticated by `cert`, checked per message */
     int64_t expires_at; /* a JWT's exp (Unix seconds), or 0 */
     int authenticated;
     int draining;
@@ -333,6 +335,25 @@ static int check_credential(session_t *s, const char *cred, size_t len)
     return 1;
 }
 
+/* Checks that the device of the connection's TLS client certificate is
+ * still enabled and pinned to it. Returns 1, or 0 after closing the
+ * connection with 1008. */
+static int check_certificate(session_t *s)
+{
+    auth_failure_t why = {0};
+    enum auth_result res;
+    char reason[WS_CLOSE_REASON_MAX + 1];
+
+    res = auth_check_certificate(s->cfg.auth, s->cert.device_id,
+                                 s->cert.fingerprint, &s->dev, &why);
+    if (res == AUTH_OK)
+        return 1;
+    snprintf(reason, sizeof(reason), "client certificate rejected: %s",
+             why.reason != NULL ? why.reason : "unknown_device");
+    reject_auth(s, reason);
+    return 0;
+}
+
 /* Handles the first message of a connection whose upgrade request had no
  * credential: it must be {"type":"auth","key":"..."} with an API key or a
  * JWT. */
@@ -402,7 +423,8 @@ static void on_text(ws_conn_t *ws, const char *text, size_t len, void *arg)
         authenticate(s, text, len);
         return;
     }
-    if (!check_credential(s, s->cred, strlen(s->cred)))
+    if (s->cred != NULL ? !check_credential(s, s->cred, strlen(s->cred))
+                        : !check_certificate(s))
         return;
     /* Messages start in arrival order, so a message waits when an
      * earlier one is parked. */
@@ -533,10 +555,19 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
         s->authenticated = check_credential(s, key, strlen(key));
         if (s->authenticated)
             arm_expiry(s);
-    } else
+    } else if (stream->cert != NULL) {
+        /* A verified client certificate authenticates the connection, so
+         * no auth message follows. */
+        s->cert = *stream->cert;
+        s->has_cert = 1;
+        s->authenticated = check_certificate(s);
+    } else {
         ws_conn_set_timeout(s->ws, cfg->auth_timeout_ms);
+    }
     log_debug("websocket opened", "conn=%llu peer=%s device=%s auth=%s",
               (unsigned long long)s->conn_id, s->peer, device_of(s),
-              key != NULL ? "header" : "first_message");
+              key != NULL         ? "header"
+              : s->has_cert       ? "certificate"
+                                  : "first_message");
     return s->ws;
 }

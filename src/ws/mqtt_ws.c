@@ -145,6 +145,7 @@ ws_conn_t *ws_mqtt_open(const ws_stream_t *stream, const ws_options_t *opts)
     transport.ctx = conn;
     transport.conn_id = stream->conn_id;
     transport.peer = ws_conn_peer(conn->ws);
+    transport.cert = stream->cert;
     conn->session = mqtt_session_open(listener, &transport);
     if (conn->session == NULL) {
         /* The HTTP route turns requests away while the server drains,

@@ -21,6 +21,7 @@
 #include <uv.h>
 
 #include "auth/auth.h"
+#include "net/tls.h"
 #include "pipeline/pipeline.h"
 
 /* ---- Opening handshake ---- */
@@ -60,6 +61,9 @@ typedef struct ws_stream {
     uv_loop_t *loop;
     uint64_t conn_id; /* for logs */
     const char *peer; /* "ip:port", copied */
+    /* The verified TLS client certificate of the connection, or NULL. It
+     * lives as long as the stream. */
+    const tls_peer_t *cert;
 } ws_stream_t;
 
 typedef struct ws_options {
@@ -170,8 +174,11 @@ typedef struct ws_ingest_config {
  * {"type":"auth","key":"..."}. The credential is checked again before each
  * message, so that disabling the device or revoking the key also ends open
  * connections, and a session authenticated by a JWT closes with 1008
- * "token expired" at the token's exp. Returns the connection, or NULL on
- * allocation failure. */
+ * "token expired" at the token's exp. Without a header credential, a
+ * verified TLS client certificate (stream->cert) authenticates the
+ * session instead of the first message, and its device is checked again
+ * before each message. Returns the connection, or NULL on allocation
+ * failure. */
 ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
                           const ws_ingest_config_t *cfg, const char *key);
 
