@@ -8,10 +8,11 @@ build_pkgs="build-essential cmake pkg-config libuv1-dev node-llhttp \
 libjansson-dev libyaml-dev libsqlite3-dev libssl-dev libpcre2-dev \
 libwslay-dev libpaho-mqtt-dev librdkafka-dev libhiredis-dev \
 librabbitmq-dev libnats-dev libmosquitto-dev"
-test_pkgs="libcmocka-dev curl python3 python3-requests python3-pytest \
+test_pkgs="libcmocka-dev curl openssl python3 python3-requests python3-pytest \
 sqlite3 wrk nginx-light mosquitto mosquitto-clients \
 python3-websockets kcat python3-paho-mqtt redis-server redis-tools \
-rabbitmq-server python3-pika nats-server python3-cryptography"
+rabbitmq-server python3-pika nats-server python3-cryptography \
+haproxy prometheus"
 fuzz_pkgs="clang"
 
 want="$build_pkgs"
