@@ -727,3 +727,39 @@ def test_sigkill_over_tls_loses_no_acked_reading(tmp_path, pki):
             time.sleep(0.2)
     finally:
         finish(s)
+
+
+# ---- The bridge to a TLS broker ----
+
+
+def test_bridge_to_tls_broker(tmp_path, pki):
+    import test_bridge as tb
+
+    broker = tb.Broker(tmp_path / "broker")
+    tls_port = free_port()
+    server_cert, server_key = pki["server"]
+    with open(broker.config, "a") as f:
+        f.write(f"listener {tls_port} 127.0.0.1\n"
+                f"cafile {pki['ca']}\n"
+                f"certfile {server_cert}\n"
+                f"keyfile {server_key}\n"
+                "require_certificate true\n"
+                "tls_version tlsv1.2\n")
+    broker.start()
+    server = None
+    try:
+        server = tb.start_bridge_server(
+            tmp_path / "ingestd", tls_port, tls_ca_file=pki["ca"],
+            tls_cert_file=pki["valid"][0], tls_key_file=pki["valid"][1])
+        tb.wait_connected(server)
+        broker.publish("devices/dev-1/data", tb.reading(7001 % 101, 70))
+        records = tb.wait_until(
+            lambda: [r for r in server.output_records()
+                     if r["device_id"] == "dev-1"
+                     and r["payload"].get("sensor_value") == 70],
+            "the bridged reading in the output")
+        assert records[0]["protocol"] == "mqtt-bridge"
+    finally:
+        if server is not None:
+            tb.finish(server)
+        broker.stop()
