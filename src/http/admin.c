@@ -38,11 +38,29 @@ static void respond_status(http_conn_t *c, int status, const char *state,
     http_conn_respond(c, &resp);
 }
 
+/* Sets ingestd_ready from the check behind /readyz, so that an alert
+ * rule can see readiness in the scraped metrics. */
+static void update_ready_gauge(http_conn_t *c)
+{
+    const http_admin_hooks_t *hooks = &c->listener->hooks;
+    int ready = hooks->not_ready == NULL ||
+                hooks->not_ready(hooks->arg) == NULL;
+
+    metrics_gauge_set(metrics_gauge("ingestd_ready",
+                                    "1 when /readyz answers 200, else 0; "
+                                    "updated at each scrape.",
+                                    NULL),
+                      ready);
+}
+
 static void handle_metrics(http_conn_t *c, http_request_t *r)
 {
     http_response_t resp = {0};
     size_t len;
-    char *text = metrics_render(&len);
+    char *text;
+
+    update_ready_gauge(c);
+    text = metrics_render(&len);
 
     if (text == NULL) {
         http_conn_error(c, 500, "out_of_memory",
