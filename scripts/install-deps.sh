@@ -7,7 +7,7 @@ set -eu
 build_pkgs="build-essential cmake pkg-config libuv1-dev node-llhttp \
 libjansson-dev libyaml-dev libsqlite3-dev libssl-dev libpcre2-dev \
 libwslay-dev libpaho-mqtt-dev librdkafka-dev libhiredis-dev \
-librabbitmq-dev libnats-dev libmosquitto-dev"
+librabbitmq-dev libnats-dev libmosquitto-dev libsystemd-dev"
 test_pkgs="libcmocka-dev curl openssl python3 python3-requests python3-pytest \
 sqlite3 wrk nginx-light mosquitto mosquitto-clients \
 python3-websockets kcat python3-paho-mqtt redis-server redis-tools \

@@ -16,6 +16,9 @@ static void usage(FILE *f)
             "  serve -c FILE                  run the service\n"
             "  check-config -c FILE           check a configuration and its "
             "schemas\n"
+            "  healthcheck [--ready] -c FILE  GET /healthz (or /readyz) from "
+            "admin.listen;\n"
+            "                                 exit 0 on 200, 1 otherwise\n"
             "  device add ID [--type TYPE]    register a device and print its "
             "API key once\n"
             "  device list                    list registered devices\n"
@@ -102,6 +105,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "check-config") == 0)
         return app_check_config(config);
+    if (strcmp(cmd, "healthcheck") == 0)
+        return app_healthcheck(config, argc - 2, argv + 2);
     if (strcmp(cmd, "device") == 0)
         return app_device(config, argc - 2, argv + 2);
     fprintf(stderr, "ingestd: unknown command \"%s\"\n\n", cmd);

@@ -1,4 +1,5 @@
 #include "app/app.h"
+#include "app/notify.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -71,6 +72,7 @@ struct server {
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t reload_timer;
     uv_timer_t stop_timer;
+    uv_timer_t watchdog_timer; /* WATCHDOG=1 to systemd, when enabled */
     http_listener_t *admin;
     _Atomic int draining;
     int workers_done;
@@ -308,6 +310,7 @@ static void close_main_handles(server_t *s)
     uv_close((uv_handle_t *)&s->sig_hup, NULL);
     uv_close((uv_handle_t *)&s->reload_timer, NULL);
     uv_close((uv_handle_t *)&s->stop_timer, NULL);
+    uv_close((uv_handle_t *)&s->watchdog_timer, NULL);
     if (s->admin != NULL) {
         http_listener_close(s->admin);
         s->admin = NULL;
@@ -397,6 +400,7 @@ static void on_signal(uv_signal_t *h, int signum)
     }
     log_info("stopping: draining connections", "signal=%s workers=%d",
              signum == SIGTERM ? "SIGTERM" : "SIGINT", s->worker_count);
+    notify_stopping("draining connections and sinks");
     command_workers(s, WORKER_DRAIN);
     uv_timer_start(&s->stop_timer, on_stop_timeout,
                    s->cfg->shutdown_timeout_ms, 0);
@@ -408,6 +412,14 @@ static void on_signal(uv_signal_t *h, int signum)
     }
     req->data = s;
     uv_queue_work(s->main_loop, req, on_join_work, after_join);
+}
+
+/* Runs on the main loop, so a stuck main loop stops the pings and lets
+ * systemd restart the service after WatchdogSec. */
+static void on_watchdog_timer(uv_timer_t *t)
+{
+    (void)t;
+    notify_watchdog();
 }
 
 static void observe_fsync(double seconds)
@@ -616,11 +628,27 @@ static void start_main_handles(server_t *s)
     uv_signal_start(&s->sig_hup, on_signal, SIGHUP);
     uv_timer_init(s->main_loop, &s->reload_timer);
     uv_timer_init(s->main_loop, &s->stop_timer);
+    uv_timer_init(s->main_loop, &s->watchdog_timer);
     s->reload_timer.data = s->stop_timer.data = s;
     if (s->cfg->registry.reload_interval_ms > 0)
         uv_timer_start(&s->reload_timer, on_reload_timer,
                        s->cfg->registry.reload_interval_ms,
                        s->cfg->registry.reload_interval_ms);
+}
+
+/* Tells systemd that every listener accepts, and starts the watchdog
+ * pings when the unit sets WatchdogSec. */
+static void notify_started(server_t *s)
+{
+    char status[256];
+    uint64_t period_ms = notify_watchdog_period_ms();
+
+    snprintf(status, sizeof(status), "accepting readings on %s",
+             s->cfg->http.listen);
+    notify_ready(status);
+    if (period_ms > 0)
+        uv_timer_start(&s->watchdog_timer, on_watchdog_timer, period_ms,
+                       period_ms);
 }
 
 int app_serve(const char *config_path)
@@ -660,6 +688,7 @@ int app_serve(const char *config_path)
     if (rc != 0) {
         log_error("start failed", "error=\"%s\"", err);
         fprintf(stderr, "ingestd: %s\n", err);
+        notify_status("start failed");
         if (s->workers != NULL) {
             atomic_store(&s->draining, 1);
             command_workers(s, WORKER_STOP);
@@ -683,6 +712,7 @@ int app_serve(const char *config_path)
              s->worker_count, auth_device_count(s->auth),
              s->cfg->spool.durability == SPOOL_DURABILITY_FSYNC ? "fsync"
                                                                  : "none");
+    notify_started(s);
     uv_run(s->main_loop, UV_RUN_DEFAULT);
 
     stop_everything(s);
