@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs the Debian 12 packages that building, running and testing ingestd
 # need. Packages already present are skipped, so a second run is quick.
-# Usage: scripts/install-deps.sh [build|test|fuzz]
+# Usage: scripts/install-deps.sh [build|test|fuzz|deploy]
 set -eu
 
 build_pkgs="build-essential cmake pkg-config libuv1-dev node-llhttp \
@@ -12,16 +12,26 @@ test_pkgs="libcmocka-dev curl openssl python3 python3-requests python3-pytest \
 sqlite3 wrk nginx-light mosquitto mosquitto-clients \
 python3-websockets kcat python3-paho-mqtt redis-server redis-tools \
 rabbitmq-server python3-pika nats-server python3-cryptography \
-haproxy prometheus"
+haproxy prometheus python3-yaml"
+# kubectl renders the Kubernetes manifests in the tests. Debian's
+# kubernetes-client ships /usr/bin/kubectl, which another package (such as
+# Google's kubectl) may already own, so it is added only when no kubectl
+# is on PATH.
+if ! command -v kubectl >/dev/null 2>&1; then
+    test_pkgs="$test_pkgs kubernetes-client"
+fi
 fuzz_pkgs="clang"
+# tests/deploy/test_image.sh: a Debian base image and the image build.
+deploy_pkgs="debootstrap podman"
 
 want="$build_pkgs"
 case "${1:-build}" in
 build) ;;
 test) want="$want $test_pkgs" ;;
 fuzz) want="$want $test_pkgs $fuzz_pkgs" ;;
+deploy) want="$want $test_pkgs $deploy_pkgs" ;;
 *)
-    echo "usage: scripts/install-deps.sh [build|test|fuzz]" >&2
+    echo "usage: scripts/install-deps.sh [build|test|fuzz|deploy]" >&2
     exit 2
     ;;
 esac
