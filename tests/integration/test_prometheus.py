@@ -64,6 +64,10 @@ def send_traffic(server, readings=5):
     assert reply.get("type") == "ack", reply
 
     with raw.Client(server.mqtt_port, version=raw.V5) as c:
+        connack = c.connect("dev-1", "dev-1", "ik_unknown")
+        assert connack.reason == 0x86, connack
+
+    with raw.Client(server.mqtt_port, version=raw.V5) as c:
         connack = c.connect("dev-1", "dev-1", key)
         assert connack.reason == 0, connack
         c.send(raw.publish("devices/dev-1/data", '{"sensor_value": 4}',
