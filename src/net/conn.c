@@ -267,8 +267,6 @@ static int advance_handshake(net_conn_t *c)
     return 0;
 }
 
-static void on_tls_timer(uv_timer_t *timer);
-
 /* ---- Reading ---- */
 
 /* Reports the end of the input to the owner once. */
@@ -570,7 +568,8 @@ void net_conn_close(net_conn_t *c)
     c->closing = 1;
     c->reading = 0;
     if (t != NULL) {
-        /* A connection closed during its handshake, by a drain say. */
+        /* A connection closed during its handshake, for example by a
+         * drain. */
         if (!t->handshake_done)
             count_handshake(c, TLS_HANDSHAKE_CLOSED);
         uv_timer_stop(&t->timer);

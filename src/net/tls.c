@@ -1,10 +1,10 @@
 /* TLS server contexts: settings, loading, reload, ALPN and metrics.
  *
- * Settings follow the "intermediate" profile of Mozilla's server side TLS
- * guide (version 5.7): TLS 1.2 and 1.3 only, and for TLS 1.2 only ECDHE
- * key exchange with AES-GCM or ChaCha20-Poly1305. TLS 1.3 keeps OpenSSL's
- * default suites, which are all AEAD. Renegotiation is off, because the
- * memory BIO driver in conn.c handles one handshake per connection.
+ * Only TLS 1.2 and 1.3 are offered. TLS 1.2 suites are limited to ECDHE
+ * key exchange with AES-GCM or ChaCha20-Poly1305, so every suite has
+ * forward secrecy and an AEAD cipher. TLS 1.3 keeps OpenSSL's default
+ * suites, which are all AEAD. Renegotiation is off, because the memory
+ * BIO driver in conn.c handles one handshake per connection.
  */
 #include "net/tls.h"
 
@@ -50,7 +50,7 @@ static int fail_openssl(char *err, size_t errlen, const char *what)
 }
 
 /* Selects our protocol when the client offers it. A client that offers
- * only other protocols gets no ALPN answer instead of an alert, since
+ * only other protocols gets no ALPN response instead of an alert, since
  * some MQTT clients offer vendor names. */
 static int on_alpn_select(SSL *ssl, const unsigned char **out,
                           unsigned char *outlen, const unsigned char *in,
@@ -100,8 +100,8 @@ static int load_certificate(SSL_CTX *ctx, const config_t *cfg, char *err,
     return 0;
 }
 
-/* Loads the client CA bundle and the CRL, and asks for client
- * certificates as tls.client_auth says. */
+/* Loads the client CA bundle and the CRL, and requests client
+ * certificates as tls.client_auth sets. */
 static int load_client_auth(SSL_CTX *ctx, const config_t *cfg, char *err,
                             size_t errlen)
 {

@@ -60,17 +60,17 @@ SSL *tls_server_new_ssl(tls_server_t *s);
 /* Builds a context from cfg->tls as tls_server_create does and frees it,
  * for `ingestd check-config`. Returns 0 or ING_ECONFIG with a message
  * such as "tls.key_file /etc/ingestd/key.pem: the key does not match the
- * certificate" in `err`. */
+ * certificate in tls.cert_file ..." in `err`. */
 int tls_check_config(const config_t *cfg, char *err, size_t errlen);
 
 /* ---- One connection's handshake (used by net/conn.c) ---- */
 
-/* Why a handshake failed, or where its client certificate came from.
- * Filled by the verification callback. */
+/* Why a handshake failed, or the device that its client certificate
+ * names. Filled by the verification callback. */
 typedef struct tls_verdict {
     const char *reason;   /* metric label, static, or NULL */
     char detail[200];     /* for the log line */
-    int have_peer;        /* `peer` holds a verified certificate */
+    int have_peer;        /* `peer` contains a verified certificate */
     tls_peer_t peer;
 } tls_verdict_t;
 
@@ -107,7 +107,7 @@ void tls_metrics_handshake(const char *listener,
 int tls_identity_from_uri(const char *uri, char *out, size_t outlen);
 
 /* Takes the device id out of `cert` as `mode` (enum config_tls_identity)
- * says: the subject's last CN, the first URI SAN that yields an id, or
+ * selects: the subject's last CN, the first URI SAN that yields an id, or
  * the first DNS SAN that is a valid id. Returns 0, or ING_EINVAL. */
 int tls_identity_from_cert(X509 *cert, int mode, char *out, size_t outlen);
 

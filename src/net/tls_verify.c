@@ -5,7 +5,7 @@
  * calls tls_on_verify for each certificate. A failure stops the handshake
  * with the alert that OpenSSL derives from the verification error, such as
  * certificate_expired or unknown_ca. At the leaf certificate the device id
- * is taken out as tls.identity says and checked with
+ * is taken out as tls.identity selects and checked with
  * auth_check_certificate; an unknown, disabled or unpinned device fails
  * the handshake too, with the error X509_V_ERR_CERT_REJECTED, which
  * OpenSSL sends as the alert bad_certificate.
