@@ -202,6 +202,25 @@ def test_empty_body_rejected(ingestd, payload):
     assert_error(resp, 400, "empty_body")
 
 
+def test_chunk_without_crlf_after_data_rejected(ingestd):
+    """Bytes other than CRLF after chunk data are bad framing: accepting
+    them lets a request be smuggled behind the chunk."""
+    reading = b'{"sensor_value": 1}'
+    sock, reader = connect(ingestd)
+    with sock:
+        sock.sendall(
+            b"POST /v1/data HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + ingestd.keys["dev-1"].encode() +
+            b"\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" +
+            f"{len(reading):x}".encode() + b"\r\n" + reading +
+            b"ZZ0\r\n\r\n")
+        resp = read_response(reader)
+        assert resp.status == 400
+        assert resp.headers["connection"] == "close"
+        assert resp.json()["error"] == "bad_request"
+
+
 def test_both_content_length_and_chunked_rejected(ingestd):
     sock, reader = connect(ingestd)
     with sock:
