@@ -30,6 +30,8 @@ typedef struct tcp_conn {
     net_conn_t net;
     mqtt_listener_t *listener;
     mqtt_session_t *session;
+    struct tcp_conn *prev, *next; /* in listener->handshakes */
+    int in_handshake;
     uint64_t id;
     int closing;
     int reading;
@@ -96,11 +98,29 @@ void mqtt_listener_unref(mqtt_listener_t *l)
 
 /* ---- TCP transport ---- */
 
+/* Takes `c` off the list of TLS handshakes in progress. */
+static void handshake_done(tcp_conn_t *c)
+{
+    mqtt_listener_t *l = c->listener;
+
+    if (!c->in_handshake)
+        return;
+    c->in_handshake = 0;
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        l->handshakes = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+}
+
 static void on_net_closed(net_conn_t *n)
 {
     tcp_conn_t *c = n->data;
     mqtt_listener_t *l = c->listener;
 
+    handshake_done(c);
     if (c->counted)
         l->tcp_connections--;
     if (c->session != NULL)
@@ -216,6 +236,7 @@ static void on_net_ready(net_conn_t *n)
     mqtt_transport_t t = {.ops = &tcp_ops,
                           .kind = c->net.tls != NULL ? "tls" : "tcp"};
 
+    handshake_done(c);
     t.ctx = c;
     t.conn_id = c->id;
     t.peer = c->net.peer;
@@ -265,8 +286,32 @@ static void accept_connection(mqtt_listener_t *l, uv_stream_t *server,
     }
     c->counted = 1;
     l->tcp_connections++;
+    if (tls != NULL) {
+        /* Until the handshake ends the connection has no session, so
+         * the listener keeps it in a list of its own to close it when
+         * the server drains. */
+        c->in_handshake = 1;
+        c->next = l->handshakes;
+        if (c->next != NULL)
+            c->next->prev = c;
+        l->handshakes = c;
+    }
     if (net_conn_start(&c->net) != 0)
         close_now(c);
+}
+
+/* Closes the TLS connections whose handshake has not ended. */
+static void close_handshakes(mqtt_listener_t *l)
+{
+    tcp_conn_t *c = l->handshakes;
+
+    while (c != NULL) {
+        tcp_conn_t *next = c->next;
+
+        handshake_done(c);
+        close_now(c);
+        c = next;
+    }
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -549,6 +594,7 @@ void mqtt_listener_drain(mqtt_listener_t *l)
         return;
     l->draining = 1;
     stop_listening(l);
+    close_handshakes(l);
     while (s != NULL) {
         mqtt_session_t *next = s->next;
         mqtt_session_drain(s);
@@ -569,6 +615,7 @@ void mqtt_listener_close(mqtt_listener_t *l)
     l->draining = 1;
     l->closing = 1;
     stop_listening(l);
+    close_handshakes(l);
     register_loop(l->loop, NULL);
     while (s != NULL) {
         mqtt_session_t *next = s->next;

@@ -56,6 +56,7 @@ struct mqtt_listener {
     uv_tcp_t tls_tcp; /* the mqtts.listen socket */
     int tls_listening;
     tls_server_t *tls;
+    struct tcp_conn *handshakes; /* TLS connections without a session yet */
     size_t tcp_connections; /* for mqtt.max_connections, TLS included */
 
     uv_async_t mail_async;

@@ -509,6 +509,36 @@ def test_mqtts_alpn_selects_mqtt(server, pki):
             assert tls.selected_alpn_protocol() == "mqtt"
 
 
+def test_sigterm_closes_pending_handshakes(tmp_path, pki):
+    """A connection that never starts its handshake must not hold up a
+    stop: with a one-hour handshake timeout, only the drain closes it."""
+    s = start_tls_server(tmp_path / "pending", pki,
+                         http={"header_timeout": "1h"})
+    lines = s.config.read_text().replace(
+        "mqtt:\n", "mqtt:\n  connect_timeout: 1h\n", 1)
+    s.config.write_text(lines)
+    stop(s)
+    with open(s.log, "ab") as log_file:
+        s.proc = subprocess.Popen([binary(), "serve", "-c", str(s.config)],
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    wait_ready(s.proc, s.admin_url, s.log)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+            for port in (s.https_port, s.mqtts_port)]
+    try:
+        s.wait_log("listener=https peer=")
+        # MQTTS logs nothing before the handshake; its accept runs on the
+        # same kind of loop right away.
+        time.sleep(0.2)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0
+        for sock in idle:
+            assert sock.recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+        stop(s)
+
+
 # ---- client_auth required and identity from a URI SAN ----
 
 
