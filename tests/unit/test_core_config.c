@@ -415,6 +415,42 @@ static void config_bool_values(void **state)
                  "6: sinks[0].fsync: expected true or false, got \"yes\"");
 }
 
+static void config_tls_listener_checks(void **state)
+{
+    fixture_t *fx = *state;
+
+    expect_error(fx, "https:\n  listen: 127.0.0.1:8443\n" MINIMAL,
+                 "2: https.listen: a TLS listener needs tls.cert_file and "
+                 "tls.key_file");
+    expect_error(fx,
+                 "mqtts:\n  listen: 127.0.0.1:1883\n"
+                 "tls:\n  cert_file: a.crt\n  key_file: a.key\n" MINIMAL,
+                 "2: mqtts.listen: 127.0.0.1:1883 is also mqtt.listen; use "
+                 "another port");
+    expect_error(fx, "tls:\n  client_auth: required\n" MINIMAL,
+                 "2: tls.client_auth: required needs tls.ca_file, the CA "
+                 "bundle that client certificates are checked against");
+    expect_error(fx, "tls:\n  crl_file: a.crl\n" MINIMAL,
+                 "2: tls.crl_file: a CRL needs tls.ca_file, the CA bundle "
+                 "of the certificates it revokes");
+    expect_error(fx, "https:\n  listen: localhost:8443\n" MINIMAL,
+                 "2: https.listen: expected an address such as "
+                 "127.0.0.1:8443 or [::1]:8443, or \"\" to disable, got "
+                 "\"localhost:8443\"");
+}
+
+static void config_tls_defaults_off(void **state)
+{
+    fixture_t *fx = *state;
+
+    expect_loaded(fx, MINIMAL);
+    assert_null(fx->cfg->https.listen);
+    assert_null(fx->cfg->mqtts.listen);
+    assert_null(fx->cfg->tls.cert_file);
+    assert_int_equal(fx->cfg->tls.client_auth, CONFIG_TLS_CLIENT_AUTH_NONE);
+    assert_int_equal(fx->cfg->tls.identity, CONFIG_TLS_IDENTITY_CN);
+}
+
 static void config_rejects_unknown_key(void **state)
 {
     fixture_t *fx = *state;
@@ -1246,6 +1282,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(config_rejects_bad_values, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(config_bool_values, setup, teardown),
+        cmocka_unit_test_setup_teardown(config_tls_listener_checks, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(config_tls_defaults_off, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(config_rejects_unknown_key, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(config_rejects_duplicate_key, setup,
