@@ -137,8 +137,10 @@ ctr=""
 
 [ ! -e "$fs/usr/bin/cc" ] || fail "the runtime image contains a compiler"
 [ ! -e "$fs/usr/bin/cmake" ] || fail "the runtime image contains cmake"
-[ "$(stat -c %u:%g "$fs/var/lib/ingestd")" = 10001:10001 ] ||
-    fail "/var/lib/ingestd is owned by $(stat -c %u:%g "$fs/var/lib/ingestd")"
+for dir in /var/lib/ingestd /var/lib/ingestd-registry; do
+    [ "$(stat -c %u:%g "$fs$dir")" = 10001:10001 ] ||
+        fail "$dir is owned by $(stat -c %u:%g "$fs$dir"), not 10001:10001"
+done
 
 mount -t proc proc "$fs/proc"
 mounted+=("$fs/proc")
