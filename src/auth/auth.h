@@ -20,10 +20,26 @@
 #define AUTH_TYPE_MAX 64
 #define AUTH_KEY_LEN 46 /* "ik_" + 43 characters, without the NUL */
 
+/* Flow-control limits that the registry sets for one device, overriding
+ * those of its device type (docs/flow-control.md). */
+enum auth_limit {
+    AUTH_LIMIT_READINGS_PER_SECOND = 0,
+    AUTH_LIMIT_BURST = 1,
+    AUTH_LIMIT_BYTES_PER_SECOND = 2,
+    AUTH_LIMIT_DAILY_READINGS = 3,
+    AUTH_LIMIT_COUNT = 4,
+};
+
+typedef struct auth_limits {
+    unsigned set; /* bit (1u << enum auth_limit) for each override */
+    uint64_t value[AUTH_LIMIT_COUNT]; /* 0 = unlimited */
+} auth_limits_t;
+
 /* A device as the pipeline needs it, copied out of the snapshot. */
 typedef struct auth_device {
     char id[AUTH_DEVICE_ID_MAX + 1];
     char type[AUTH_TYPE_MAX + 1];
+    auth_limits_t limits;
 } auth_device_t;
 
 enum auth_result {
@@ -52,6 +68,7 @@ typedef struct registry_entry {
     /* SHA-256 of the pinned client certificate (32 bytes), or NULL. */
     const unsigned char *cert_fingerprint;
     const char *jwt_alg; /* "RS256", "ES256", "EdDSA", "HS256" or NULL */
+    auth_limits_t limits; /* overrides of the device type's limits */
 } registry_entry_t;
 
 /* Opens (creating if needed) the registry at `path` and migrates its schema.
@@ -113,6 +130,12 @@ int registry_device_new_jwt_secret(registry_t *r, const char *id,
 /* Removes the device's JWT algorithm, key and secret.
  * Returns 0, ING_ENOTFOUND or ING_EDB. */
 int registry_device_clear_jwt(registry_t *r, const char *id);
+
+/* Replaces the device's limit overrides with `limits`: each limit whose
+ * bit is clear in limits->set follows the device type again. Returns 0,
+ * ING_ENOTFOUND or ING_EDB. */
+int registry_device_set_limits(registry_t *r, const char *id,
+                               const auth_limits_t *limits);
 
 /* Calls `fn` for the device `id`. Returns 0, ING_ENOTFOUND or ING_EDB. */
 int registry_device_get(registry_t *r, const char *id,

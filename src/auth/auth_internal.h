@@ -45,7 +45,16 @@ struct snapshot_device {
     EVP_PKEY *jwt_key;   /* RS256, ES256 and EdDSA, else NULL */
     uint8_t *jwt_secret; /* HS256, else NULL */
     size_t jwt_secret_len;
+    auth_limits_t limits;
 };
+
+/* The registry columns of auth_limits_t, in enum auth_limit order. */
+#define AUTH_LIMIT_COLUMNS                                                     \
+    "limit_readings_per_second, limit_burst, limit_bytes_per_second,"          \
+    " limit_daily_readings"
+
+/* Reads AUTH_LIMIT_COLUMNS from `stmt` starting at column `first`. */
+void auth_limits_read(sqlite3_stmt *stmt, int first, auth_limits_t *out);
 
 struct snapshot;
 

@@ -59,6 +59,7 @@ static void copy_device(auth_device_t *dev, const struct snapshot_device *d)
 {
     memcpy(dev->id, d->id, sizeof(dev->id));
     memcpy(dev->type, d->type, sizeof(dev->type));
+    dev->limits = d->limits;
 }
 
 static enum auth_result check_certificate(auth_t *a, const char *device_id,

@@ -390,6 +390,7 @@ enum auth_result auth_jwt_check(auth_t *a, const char *token, size_t len,
         goto done;
     memcpy(dev->id, d->id, sizeof(dev->id));
     memcpy(dev->type, d->type, sizeof(dev->type));
+    dev->limits = d->limits;
     if (!d->enabled) {
         auth_set_failure(why, "disabled", "the device is disabled");
         result = AUTH_DISABLED;

@@ -193,7 +193,7 @@ done:
 #define ENTRY_COLUMNS                                                          \
     "SELECT id, type, enabled, created_ms, key_rotated_ms,"                    \
     " old_key_hash IS NOT NULL, old_key_expires_ms, cert_fingerprint,"         \
-    " jwt_alg FROM devices"
+    " jwt_alg, " AUTH_LIMIT_COLUMNS " FROM devices"
 
 /* Calls `fn` for each row of `stmt`, a query on ENTRY_COLUMNS. Returns the
  * number of rows, or ING_EDB. */
@@ -222,6 +222,7 @@ static int for_each_entry(registry_t *r, sqlite3_stmt *stmt,
         if (sqlite3_column_bytes(stmt, 7) == AUTH_FINGERPRINT_LEN)
             e.cert_fingerprint = sqlite3_column_blob(stmt, 7);
         e.jwt_alg = (const char *)sqlite3_column_text(stmt, 8);
+        auth_limits_read(stmt, 9, &e.limits);
         if (e.id == NULL || e.type == NULL)
             return query_failed(r, "read devices");
         fn(&e, arg);
@@ -347,6 +348,56 @@ done:
     sqlite3_finalize(stmt);
     if (rc != 0)
         OPENSSL_cleanse(key, AUTH_KEY_LEN + 1);
+    return rc;
+}
+
+void auth_limits_read(sqlite3_stmt *stmt, int first, auth_limits_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (int i = 0; i < AUTH_LIMIT_COUNT; i++) {
+        sqlite3_int64 v;
+
+        if (sqlite3_column_type(stmt, first + i) != SQLITE_INTEGER)
+            continue;
+        /* A negative value can only come from editing the file by hand,
+         * and is read as no override. */
+        v = sqlite3_column_int64(stmt, first + i);
+        if (v < 0)
+            continue;
+        out->set |= 1u << i;
+        out->value[i] = (uint64_t)v;
+    }
+}
+
+int registry_device_set_limits(registry_t *r, const char *id,
+                               const auth_limits_t *limits)
+{
+    static const char sql[] =
+        "UPDATE devices SET limit_readings_per_second = ?1,"
+        " limit_burst = ?2, limit_bytes_per_second = ?3,"
+        " limit_daily_readings = ?4 WHERE id = ?5";
+    sqlite3_stmt *stmt = NULL;
+    int rc;
+
+    if (sqlite3_prepare_v2(r->db, sql, -1, &stmt, NULL) != SQLITE_OK) {
+        rc = query_failed(r, "set limits");
+        goto done;
+    }
+    for (int i = 0; i < AUTH_LIMIT_COUNT; i++) {
+        if (limits->set & (1u << i))
+            sqlite3_bind_int64(stmt, i + 1, (sqlite3_int64)limits->value[i]);
+        else
+            sqlite3_bind_null(stmt, i + 1);
+    }
+    sqlite3_bind_text(stmt, 5, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(stmt) != SQLITE_DONE) {
+        rc = query_failed(r, "set limits");
+        goto done;
+    }
+    rc = sqlite3_changes(r->db) == 0 ? ING_ENOTFOUND : 0;
+
+done:
+    sqlite3_finalize(stmt);
     return rc;
 }
 

@@ -32,6 +32,12 @@ static const char *const migrations[] = {
     "ALTER TABLE devices ADD COLUMN jwt_alg TEXT;"
     "ALTER TABLE devices ADD COLUMN jwt_public_key TEXT;"
     "ALTER TABLE devices ADD COLUMN jwt_secret BLOB",
+    /* Version 3: flow-control limits of one device, overriding those of
+     * its device type. NULL follows the type, and 0 means unlimited. */
+    "ALTER TABLE devices ADD COLUMN limit_readings_per_second INTEGER;"
+    "ALTER TABLE devices ADD COLUMN limit_burst INTEGER;"
+    "ALTER TABLE devices ADD COLUMN limit_bytes_per_second INTEGER;"
+    "ALTER TABLE devices ADD COLUMN limit_daily_readings INTEGER",
 };
 
 #define MIGRATION_COUNT ((int)(sizeof(migrations) / sizeof(migrations[0])))

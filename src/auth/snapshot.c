@@ -263,6 +263,7 @@ static int add_row(auth_t *a, sqlite3_stmt *stmt, struct snapshot *s,
             return rc;
     }
     load_credentials(a, stmt, dev);
+    auth_limits_read(stmt, 10, &dev->limits);
     s->device_count++;
     return 0;
 }
@@ -301,7 +302,7 @@ static int snapshot_build(auth_t *a, struct snapshot **out)
     static const char sql[] =
         "SELECT id, type, enabled, key_hash, old_key_hash,"
         " old_key_expires_ms, cert_fingerprint, jwt_alg, jwt_public_key,"
-        " jwt_secret FROM devices";
+        " jwt_secret, " AUTH_LIMIT_COLUMNS " FROM devices";
     struct key_list list = {0};
     struct snapshot *s = NULL;
     sqlite3_stmt *stmt = NULL;
@@ -542,6 +543,7 @@ enum auth_result auth_check_key(auth_t *a, const char *key, size_t len,
         d = &s->devices[slot->device];
         memcpy(dev->id, d->id, sizeof(dev->id));
         memcpy(dev->type, d->type, sizeof(dev->type));
+        dev->limits = d->limits;
         result = d->enabled ? AUTH_OK : AUTH_DISABLED;
         break;
     }
@@ -576,6 +578,7 @@ enum auth_result auth_lookup_device(auth_t *a, const char *id,
     if (d != NULL) {
         memcpy(dev->id, d->id, sizeof(dev->id));
         memcpy(dev->type, d->type, sizeof(dev->type));
+        dev->limits = d->limits;
         result = d->enabled ? AUTH_OK : AUTH_DISABLED;
     }
     auth_snapshot_release(s);

@@ -151,6 +151,16 @@ static const directive_t directives[] = {
      "10000", NULL, 0},
     {"http.retry_after", TYPE_SECONDS, CFG(http.retry_after_s), 1, MS_PER_H,
      "1s", NULL, 0},
+    {"limits.max_connections", TYPE_INT, CFG(limits.max_connections), 0,
+     100000000, "0", NULL, 0},
+    {"limits.max_connections_per_device", TYPE_INT,
+     CFG(limits.max_connections_per_device), 0, 1000000, "0", NULL, 0},
+    {"limits.connection_rate_per_address", TYPE_INT,
+     CFG(limits.connection_rate_per_address), 0, 1000000, "0", NULL, 0},
+    {"limits.connection_burst_per_address", TYPE_INT,
+     CFG(limits.connection_burst_per_address), 0, 1000000, "0", NULL, 0},
+    {"limits.table_size", TYPE_INT, CFG(limits.table_size), 64, 100000000,
+     "1000000", NULL, 0},
     {"admin.listen", TYPE_LISTEN, CFG(admin.listen), 0, 0, "127.0.0.1:9100",
      NULL, FLAG_EMPTY_DISABLES},
     {"ws.max_message_size", TYPE_SIZE, CFG(ws.max_message_size), KIB, GIB,
@@ -197,6 +207,9 @@ static const directive_t directives[] = {
      durabilities, 0},
     {"spool.segment_size", TYPE_SIZE, CFG(spool.segment_size), 64 * KIB, TIB,
      "64MiB", NULL, 0},
+    {"spool.high_mark", TYPE_INT, CFG(spool.high_mark), 1, 100, "90", NULL,
+     0},
+    {"spool.low_mark", TYPE_INT, CFG(spool.low_mark), 1, 100, "80", NULL, 0},
     {"spool.max_size", TYPE_SIZE, CFG(spool.max_size), 128 * KIB, UINT64_MAX,
      "1GiB", NULL, 0},
     {"shutdown_timeout", TYPE_DURATION, CFG(shutdown_timeout_ms), 0, MS_PER_H,
@@ -280,6 +293,20 @@ static const directive_t bridge_directives[] = {
     {"tls_key_file", TYPE_PATH, BRIDGE(tls_key_file), 0, 0, NULL, NULL, 0},
     {"feedback_topic", TYPE_STRING, BRIDGE(feedback_topic), 0, 0, "", NULL,
      FLAG_EMPTY_DISABLES},
+};
+
+#define LIMIT(member)                                                          \
+    offsetof(config_limits_t, member), sizeof(((config_limits_t *)0)->member)
+
+/* The keys of device_types.NAME.limits. Absent keys stay 0, unlimited. */
+static const directive_t limit_directives[] = {
+    {"readings_per_second", TYPE_INT, LIMIT(readings_per_second), 0,
+     1000000000, "0", NULL, 0},
+    {"burst", TYPE_INT, LIMIT(burst), 0, 1000000000, "0", NULL, 0},
+    {"bytes_per_second", TYPE_SIZE, LIMIT(bytes_per_second), 0, TIB, "0",
+     NULL, 0},
+    {"daily_readings", TYPE_INT, LIMIT(daily_readings), 0, 1000000000000,
+     "0", NULL, 0},
 };
 
 /* The schema key of a device type, which is a path with no default. */
@@ -989,6 +1016,38 @@ static int load_schema_file(load_t *ld, const char *name, unsigned long line,
     return 0;
 }
 
+/* Parses the limits of device type `type_path` ("device_types.NAME") into
+ * `limits`. */
+static int parse_device_limits(load_t *ld, const char *type_path,
+                               const config_node_t *map,
+                               config_limits_t *limits)
+{
+    char path[160], name[192], known[128];
+    int rc;
+
+    snprintf(path, sizeof path, "%s.limits", type_path);
+
+    if (map->kind != YAML_MAPPING_NODE)
+        return config_fail(&ld->error, map->line,
+                           "%s: expected a mapping with keys such as "
+                           "readings_per_second, got %s",
+                           path, config_node_describe(map));
+    join_keys(limit_directives, ARRAY_LEN(limit_directives), "", known,
+              sizeof known);
+    rc = config_node_check_keys(&ld->error, map, path);
+    for (size_t i = 0; rc == 0 && i < map->count; i += 2) {
+        const config_node_t *key = map->items[i];
+        const directive_t *d = find_directive(
+            limit_directives, ARRAY_LEN(limit_directives), key->text);
+
+        if (!d)
+            return fail_unknown_key(ld, key, path, known);
+        snprintf(name, sizeof name, "%s.%s", path, d->name);
+        rc = apply_directive(ld, d, limits, name, map->items[i + 1]);
+    }
+    return rc;
+}
+
 static int parse_device_type(load_t *ld, const config_node_t *key,
                              const config_node_t *value,
                              config_device_type_t *type)
@@ -1022,8 +1081,12 @@ static int parse_device_type(load_t *ld, const config_node_t *key,
             file = value->items[i + 1];
         else if (strcmp(subkey->text, "schema_inline") == 0)
             inline_schema = value->items[i + 1];
+        else if (strcmp(subkey->text, "limits") == 0)
+            rc = parse_device_limits(ld, path, value->items[i + 1],
+                                     &type->limits);
         else
-            return fail_unknown_key(ld, subkey, path, "schema, schema_inline");
+            return fail_unknown_key(ld, subkey, path,
+                                    "schema, schema_inline, limits");
     }
     if (rc != 0)
         return rc;
@@ -1872,6 +1935,15 @@ static int finish_config(load_t *ld)
                            "spool.segment_size (%s), got %s",
                            segment, max);
     }
+    if (cfg->spool.low_mark >= cfg->spool.high_mark)
+        return config_fail(&ld->error,
+                           line_of(ld, "spool.low_mark")
+                               ? line_of(ld, "spool.low_mark")
+                               : line_of(ld, "spool.high_mark"),
+                           "spool.low_mark: expected a percentage below "
+                           "spool.high_mark (%llu), got %llu",
+                           (unsigned long long)cfg->spool.high_mark,
+                           (unsigned long long)cfg->spool.low_mark);
     if (cfg->admin.listen && strcmp(cfg->admin.listen, cfg->http.listen) == 0)
         return config_fail(
             &ld->error, line_of(ld, "admin.listen"),

@@ -33,12 +33,22 @@ enum config_tls_identity {
     CONFIG_TLS_IDENTITY_SAN_DNS = 2, /* a DNS subject alternative name */
 };
 
+/* Flow-control limits of a device type, or of one device in the registry.
+ * 0 means unlimited. See docs/flow-control.md. */
+typedef struct config_limits {
+    uint64_t readings_per_second; /* refill rate of the readings bucket */
+    uint64_t burst;               /* its capacity; 0 = readings_per_second */
+    uint64_t bytes_per_second;    /* stored record bytes; one second's burst */
+    uint64_t daily_readings;      /* per UTC day */
+} config_limits_t;
+
 typedef struct config_device_type {
     char *name;
     /* Path of the JSON Schema file, resolved against the config file's folder,
      * or NULL when the schema was given inline. */
     char *schema_path;
     json_t *schema; /* the loaded schema document, owned */
+    config_limits_t limits;
 } config_device_type_t;
 
 enum config_sink_kind {
@@ -171,7 +181,7 @@ typedef struct config {
         uint64_t header_timeout_ms; /* time to receive a request's headers */
         uint64_t body_timeout_ms;   /* time to receive a request's body */
         uint64_t idle_timeout_ms;   /* keep-alive connection with no request */
-        uint64_t max_connections;   /* per worker */
+        uint64_t max_connections;   /* per listener, across workers */
         uint64_t retry_after_s;     /* Retry-After of 503 answers */
     } http;
 
@@ -194,7 +204,7 @@ typedef struct config {
         uint64_t topic_alias_maximum;
         uint64_t max_session_expiry_s; /* cap on a client's request */
         uint64_t max_keepalive_s;      /* cap, sent as Server Keep Alive */
-        uint64_t max_connections;      /* per worker */
+        uint64_t max_connections;      /* per listener, across workers */
         uint64_t max_subscriptions;    /* feedback filters per session */
         /* Comma-separated topic templates, each with one {device_id}
          * level, such as "devices/{device_id}/data". */
@@ -223,7 +233,21 @@ typedef struct config {
         enum spool_durability durability;
         uint64_t segment_size;
         uint64_t max_size; /* 503 past this many bytes on disk */
+        /* Percent of max_size: past high_mark new readings are turned
+         * away until the spool shrinks below low_mark. */
+        uint64_t high_mark;
+        uint64_t low_mark;
     } spool;
+
+    /* Connection limits of the instance (docs/flow-control.md); 0 means
+     * unlimited. */
+    struct {
+        uint64_t max_connections; /* every device listener together */
+        uint64_t max_connections_per_device; /* MQTT and WebSocket */
+        uint64_t connection_rate_per_address; /* new per second */
+        uint64_t connection_burst_per_address; /* 0 = the rate */
+        uint64_t table_size; /* devices and addresses tracked, each */
+    } limits;
 
     uint64_t shutdown_timeout_ms; /* drain time on SIGTERM */
     /* After the listeners stopped, sinks keep delivering for up to this

@@ -27,6 +27,10 @@ const char *ing_strerror(int code)
         return "invalid configuration";
     case ING_ETOOBIG:
         return "value over its limit";
+    case ING_ERATE:
+        return "rate limit exceeded";
+    case ING_EQUOTA:
+        return "quota exceeded";
     }
     return "unknown error";
 }

@@ -20,6 +20,8 @@ enum ing_error {
     ING_EDB = -9,        /* an SQLite call failed */
     ING_ECONFIG = -10,   /* the configuration is invalid */
     ING_ETOOBIG = -11,   /* a value is over its configured limit */
+    ING_ERATE = -13,     /* over a rate limit; retry after a delay */
+    ING_EQUOTA = -14,    /* over the daily quota or a connection limit */
 };
 
 /* Returns a static, human-readable description of an ing_error code. */

@@ -9,6 +9,7 @@
 #include "core/errors.h"
 #include "core/ids.h"
 #include "core/log.h"
+#include "pipeline/flow.h"
 #include "validate/validate.h"
 
 typedef struct compiled_type {
@@ -20,6 +21,8 @@ struct pipeline {
     spool_t *spool;
     compiled_type_t *types;
     size_t type_count;
+    const config_t *cfg;
+    pipeline_flow_t *flow;
 };
 
 struct pipeline_loop {
@@ -60,6 +63,10 @@ struct pipeline_batch {
     void *done_arg;
     int status;
     pipeline_batch_t *next_completed;
+
+    uint64_t retry_after_ms; /* after ING_ERATE or ING_EQUOTA */
+    int retrying;            /* the adapter holds and resubmits it */
+    int turned_away;         /* counted once by flow control */
 };
 
 static const schema_t *find_schema(const pipeline_t *p, const char *type)
@@ -80,9 +87,15 @@ int pipeline_create(const config_t *cfg, spool_t *spool, pipeline_t **out,
     if (p == NULL)
         return ING_ENOMEM;
     p->spool = spool;
+    p->cfg = cfg;
+    if (pipeline_flow_create(cfg, spool, &p->flow) != 0) {
+        free(p);
+        return ING_ENOMEM;
+    }
     p->types = calloc(cfg->device_type_count ? cfg->device_type_count : 1,
                       sizeof(*p->types));
     if (p->types == NULL) {
+        pipeline_flow_destroy(p->flow);
         free(p);
         return ING_ENOMEM;
     }
@@ -118,12 +131,41 @@ void pipeline_destroy(pipeline_t *p)
         schema_free(p->types[i].schema);
     }
     free(p->types);
+    pipeline_flow_destroy(p->flow);
     free(p);
 }
 
 int pipeline_spool_full(pipeline_t *p)
 {
-    return spool_is_full(p->spool);
+    return pipeline_flow_congested(p->flow);
+}
+
+limits_t *pipeline_limits(pipeline_t *p)
+{
+    return pipeline_flow_limits(p->flow);
+}
+
+const config_t *pipeline_config(pipeline_t *p)
+{
+    return p->cfg;
+}
+
+int pipeline_device_connect(pipeline_t *p, const auth_device_t *dev)
+{
+    return limits_device_connect(pipeline_limits(p), dev->id,
+                                 p->cfg->limits.max_connections_per_device,
+                                 limits_now_ms());
+}
+
+void pipeline_device_disconnect(pipeline_t *p, const auth_device_t *dev)
+{
+    if (p->cfg->limits.max_connections_per_device > 0)
+        limits_device_disconnect(pipeline_limits(p), dev->id);
+}
+
+void pipeline_count_rejected(const char *protocol, const char *reason)
+{
+    pipeline_flow_count(protocol, reason, 0);
 }
 
 pipeline_t *pipeline_loop_pipeline(pipeline_loop_t *pl)
@@ -410,6 +452,48 @@ size_t pipeline_batch_accepted(const pipeline_batch_t *b)
     return b->accepted_count;
 }
 
+uint64_t pipeline_batch_retry_after_ms(const pipeline_batch_t *b)
+{
+    return b->retry_after_ms;
+}
+
+void pipeline_batch_set_retrying(pipeline_batch_t *b)
+{
+    b->retrying = 1;
+}
+
+/* Counts the batch once when flow control turns it away with `rc`. */
+static int turned_away(pipeline_batch_t *b, int rc)
+{
+    const char *reason = rc == ING_ERATE    ? "rate_limited"
+                         : rc == ING_EQUOTA ? "quota_exceeded"
+                                            : "spool_full";
+
+    if (!b->turned_away) {
+        b->turned_away = 1;
+        pipeline_flow_count(b->protocol, reason, b->retrying);
+    }
+    return rc;
+}
+
+/* Applies the checks every protocol shares before a batch may go to the
+ * spool: the spool's congestion, then the device's limits. */
+static int check_flow(pipeline_batch_t *b)
+{
+    pipeline_t *p = b->pl->pipeline;
+    uint64_t bytes = 0;
+    int rc;
+
+    b->retry_after_ms = 0;
+    if (pipeline_flow_congested(p->flow))
+        return turned_away(b, ING_EFULL);
+    for (size_t i = 0; i < b->accepted_count; i++)
+        bytes += b->accepted[i].len;
+    rc = pipeline_flow_take(p->flow, &b->dev, b->accepted_count, bytes,
+                            &b->retry_after_ms);
+    return rc == 0 ? 0 : turned_away(b, rc);
+}
+
 /* Runs on the spool writer thread: hand the batch to its loop. */
 static void on_spool_done(void *arg, int status)
 {
@@ -433,6 +517,9 @@ int pipeline_batch_submit(pipeline_batch_t *b, pipeline_done_fn done,
 
     if (b->invalid > 0 || b->forbidden > 0 || b->accepted_count == 0)
         return ING_EINVAL;
+    rc = check_flow(b);
+    if (rc != 0)
+        return rc;
     if (b->accepted_count > 16) {
         iov = malloc(b->accepted_count * sizeof(*iov));
         if (iov == NULL)
@@ -451,6 +538,8 @@ int pipeline_batch_submit(pipeline_batch_t *b, pipeline_done_fn done,
                       on_spool_done, b);
     if (rc != 0)
         b->pl->pending--;
+    if (rc == ING_EFULL)
+        turned_away(b, rc);
     if (iov != stack_iov)
         free(iov);
     return rc;

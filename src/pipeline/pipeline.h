@@ -18,12 +18,14 @@
 #define INGESTD_PIPELINE_PIPELINE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <jansson.h>
 #include <uv.h>
 
 #include "auth/auth.h"
 #include "core/config.h"
+#include "pipeline/limits.h"
 #include "spool/spool.h"
 
 typedef struct pipeline pipeline_t;
@@ -99,21 +101,57 @@ const char *pipeline_batch_id(const pipeline_batch_t *b, size_t i);
  * valid until pipeline_batch_free. */
 typedef void (*pipeline_done_fn)(pipeline_batch_t *b, int status, void *arg);
 
-/* Appends the batch's accepted readings to the spool as one unit. Returns
- * 0 when submitted (the completion will run exactly once), or ING_EFULL,
- * ING_ETOOBIG or ING_ESHUTDOWN when nothing was submitted (no completion
- * runs). A batch must not be submitted with invalid or forbidden readings;
- * a batch is all or nothing. */
+/* Appends the batch's accepted readings to the spool as one unit, after
+ * the flow-control checks that every protocol shares: the spool's high
+ * mark (see pipeline_spool_full), then the device's rate limits and daily
+ * quota. Returns 0 when submitted (the completion will run exactly once),
+ * or, when nothing was submitted (no completion runs): ING_EFULL (spool
+ * past its high mark or full), ING_ERATE or ING_EQUOTA (see
+ * pipeline_batch_retry_after_ms), ING_ETOOBIG or ING_ESHUTDOWN. Each
+ * batch turned away by flow control is counted once in
+ * ingestd_rejected_total, or in ingestd_throttled_total after
+ * pipeline_batch_set_retrying. A batch must not be submitted with invalid
+ * or forbidden readings; a batch is all or nothing. */
 int pipeline_batch_submit(pipeline_batch_t *b, pipeline_done_fn done,
                           void *arg);
 
 void pipeline_batch_free(pipeline_batch_t *b);
 
+/* Returns the milliseconds after which a batch that pipeline_batch_submit
+ * turned away with ING_ERATE or ING_EQUOTA may pass, or 0. */
+uint64_t pipeline_batch_retry_after_ms(const pipeline_batch_t *b);
+
+/* Marks the batch as held by its adapter, which submits it again until it
+ * passes instead of answering the device (MQTT QoS 0 and 3.1.1), so that
+ * turning it away counts in ingestd_throttled_total. */
+void pipeline_batch_set_retrying(pipeline_batch_t *b);
+
+/* Counts a reading, request or connection that an adapter turned away for
+ * `reason` before it reached pipeline_batch_submit, in
+ * ingestd_rejected_total{protocol,reason}. Thread-safe. */
+void pipeline_count_rejected(const char *protocol, const char *reason);
+
+/* Returns the flow-control state shared by every loop: token buckets,
+ * connection counts (see pipeline/limits.h). */
+limits_t *pipeline_limits(pipeline_t *p);
+
+/* Returns the configuration the pipeline was created with. */
+const config_t *pipeline_config(pipeline_t *p);
+
+/* Counts a session (MQTT or WebSocket) of device `dev` against
+ * limits.max_connections_per_device. Returns 0, and then
+ * pipeline_device_disconnect must follow, or ING_EQUOTA when the device
+ * has as many sessions as allowed. */
+int pipeline_device_connect(pipeline_t *p, const auth_device_t *dev);
+void pipeline_device_disconnect(pipeline_t *p, const auth_device_t *dev);
+
 /* Returns the pipeline a loop is attached to. */
 pipeline_t *pipeline_loop_pipeline(pipeline_loop_t *pl);
 
-/* Returns 1 when the spool is full, so that adapters can answer "try later"
- * before reading a body. */
+/* Returns 1 while the spool is congested, so that adapters can answer "try
+ * later" before reading a body: from when its size reaches
+ * spool.high_mark percent of spool.max_size until it drops below
+ * spool.low_mark percent (hysteresis), and whenever it is full. */
 int pipeline_spool_full(pipeline_t *p);
 
 #endif

@@ -312,7 +312,7 @@ static void registry_schema_and_wal(void **state)
         sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &stmt, NULL),
         SQLITE_OK);
     assert_int_equal(sqlite3_step(stmt), SQLITE_ROW);
-    assert_int_equal(sqlite3_column_int(stmt, 0), 2);
+    assert_int_equal(sqlite3_column_int(stmt, 0), 3);
     sqlite3_finalize(stmt);
 
     /* A database from a newer ingestd is rejected, not downgraded. */

@@ -451,6 +451,54 @@ static void config_tls_defaults_off(void **state)
     assert_int_equal(fx->cfg->tls.identity, CONFIG_TLS_IDENTITY_CN);
 }
 
+static void config_flow_control_keys(void **state)
+{
+    fixture_t *fx = *state;
+    const config_limits_t *lim;
+
+    expect_loaded(fx, MINIMAL);
+    assert_int_equal(fx->cfg->spool.high_mark, 90);
+    assert_int_equal(fx->cfg->spool.low_mark, 80);
+    assert_int_equal(fx->cfg->limits.max_connections, 0);
+    assert_int_equal(fx->cfg->limits.max_connections_per_device, 0);
+    assert_int_equal(fx->cfg->device_types[0].limits.readings_per_second, 0);
+    config_free(fx->cfg);
+    fx->cfg = NULL;
+
+    expect_loaded(fx, "limits:\n  max_connections: 500\n"
+                      "  connection_rate_per_address: 20\n"
+                      "spool:\n  high_mark: 70\n  low_mark: 50\n" MINIMAL
+                      "    limits:\n      readings_per_second: 10\n"
+                      "      burst: 20\n      bytes_per_second: 4KiB\n"
+                      "      daily_readings: 86400\n");
+    lim = &fx->cfg->device_types[0].limits;
+    assert_int_equal(lim->readings_per_second, 10);
+    assert_int_equal(lim->burst, 20);
+    assert_int_equal(lim->bytes_per_second, 4096);
+    assert_int_equal(lim->daily_readings, 86400);
+    assert_int_equal(fx->cfg->limits.max_connections, 500);
+    assert_int_equal(fx->cfg->limits.connection_rate_per_address, 20);
+    assert_int_equal(fx->cfg->spool.high_mark, 70);
+    assert_int_equal(fx->cfg->spool.low_mark, 50);
+}
+
+static void config_rejects_bad_flow_control(void **state)
+{
+    fixture_t *fx = *state;
+
+    expect_error(fx, "spool:\n  high_mark: 80\n  low_mark: 80\n" MINIMAL,
+                 "3: spool.low_mark: expected a percentage below "
+                 "spool.high_mark (80), got 80");
+    expect_error(fx, MINIMAL "    limits:\n      rate: 5\n",
+                 "5: unknown key \"device_types.default.limits.rate\" (known "
+                 "keys in device_types.default.limits: readings_per_second, "
+                 "burst, "
+                 "bytes_per_second, daily_readings)");
+    expect_error(fx, MINIMAL "    limits: 5\n",
+                 "4: device_types.default.limits: expected a mapping with keys "
+                 "such as readings_per_second, got a scalar");
+}
+
 static void config_rejects_unknown_key(void **state)
 {
     fixture_t *fx = *state;
@@ -462,18 +510,18 @@ static void config_rejects_unknown_key(void **state)
                  "idle_timeout, max_connections, retry_after)");
     expect_error(fx, MINIMAL "lgo:\n  level: info\n",
                  "4: unknown key \"lgo\" (known keys: log, data_dir, "
-                 "registry, jwt, auth, http, admin, ws, mqtt, https, mqtts, "
-                 "tls, spool, shutdown_timeout, sinks_drain_timeout, "
+                 "registry, jwt, auth, http, limits, admin, ws, mqtt, https, "
+                 "mqtts, tls, spool, shutdown_timeout, sinks_drain_timeout, "
                  "default_device_type, device_types, sinks, bridges)");
     /* A dotted key at the top level is not a shortcut for a section. */
     expect_error(fx, MINIMAL "http.listen: 127.0.0.1:80\n",
                  "4: unknown key \"http.listen\" (known keys: log, data_dir, "
-                 "registry, jwt, auth, http, admin, ws, mqtt, https, mqtts, "
-                 "tls, spool, shutdown_timeout, sinks_drain_timeout, "
+                 "registry, jwt, auth, http, limits, admin, ws, mqtt, https, "
+                 "mqtts, tls, spool, shutdown_timeout, sinks_drain_timeout, "
                  "default_device_type, device_types, sinks, bridges)");
     expect_error(fx, MINIMAL "    shema: x.json\n",
                  "4: unknown key \"device_types.default.shema\" (known keys "
-                 "in device_types.default: schema, schema_inline)");
+                 "in device_types.default: schema, schema_inline, limits)");
     expect_error(fx, MINIMAL "sinks:\n  - name: a\n    rotate: 1MiB\n",
                  "6: unknown key \"sinks[0].rotate\" (known keys in sinks[0]: "
                  "name, type, batch_records, timeout, retry_min, retry_max, "
@@ -1286,6 +1334,10 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(config_tls_defaults_off, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(config_flow_control_keys, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(config_rejects_bad_flow_control,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(config_rejects_unknown_key, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(config_rejects_duplicate_key, setup,
