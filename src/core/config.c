@@ -165,6 +165,8 @@ static const directive_t directives[] = {
      NULL, FLAG_EMPTY_DISABLES},
     {"ws.max_message_size", TYPE_SIZE, CFG(ws.max_message_size), KIB, GIB,
      "1MiB", NULL, 0},
+    {"ws.max_fragments", TYPE_INT, CFG(ws.max_fragments), 1, 1000000,
+     "1024", NULL, 0},
     {"ws.idle_timeout", TYPE_DURATION, CFG(ws.idle_timeout_ms), 100,
      MS_PER_D, "120s", NULL, 0},
     {"ws.ping_interval", TYPE_DURATION, CFG(ws.ping_interval_ms), 100,

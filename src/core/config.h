@@ -191,6 +191,7 @@ typedef struct config {
 
     struct {
         uint64_t max_message_size; /* one WebSocket message, reassembled */
+        uint64_t max_fragments;    /* frames of one message; more: 1009 */
         uint64_t idle_timeout_ms;  /* no frame at all for this long: close */
         uint64_t ping_interval_ms; /* server pings an idle connection */
         uint64_t auth_timeout_ms;  /* first-message authentication window */

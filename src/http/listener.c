@@ -288,6 +288,7 @@ static int api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
         .ws =
             {
                 .max_message_size = cfg->ws.max_message_size,
+                .max_fragments = cfg->ws.max_fragments,
                 .idle_timeout_ms = cfg->ws.idle_timeout_ms,
                 .ping_interval_ms = cfg->ws.ping_interval_ms,
             },
@@ -302,6 +303,7 @@ static int api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
      * which the server must reject as a protocol error. */
     l->mqtt_ws = (ws_options_t){
         .max_message_size = cfg->ws.max_message_size,
+        .max_fragments = cfg->ws.max_fragments,
         .idle_timeout_ms = 0,
         .ping_interval_ms = 0,
     };

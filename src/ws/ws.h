@@ -68,6 +68,9 @@ typedef struct ws_stream {
 
 typedef struct ws_options {
     uint64_t max_message_size; /* bytes after reassembly; larger: 1009 */
+    /* Frames of one data message, the first one included; more: 1009.
+     * 0 means no limit. */
+    uint64_t max_fragments;
     uint64_t idle_timeout_ms;  /* no input this long: close; 0: never */
     uint64_t ping_interval_ms; /* no input this long: ping; 0: never */
 } ws_options_t;

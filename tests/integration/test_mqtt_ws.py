@@ -509,6 +509,15 @@ def test_message_over_limit_closes_1009(mqttd):
         assert c.read_close() == 1009
 
 
+def test_endless_fragments_close_1009(mqttd):
+    # Empty continuation frames carry no payload, but a message made of
+    # them must still end: each frame counts toward the message's limits.
+    with ws_connected(mqttd) as c:
+        c.send_frame(OP_BINARY, b"\x30", fin=False)
+        c.sock.sendall(encode_frame(OP_CONT, b"", fin=False) * 2000)
+        assert c.read_close() == 1009
+
+
 def test_receive_maximum_v311_waits(mqttd):
     markers = [seq() for _ in range(7)]
     with ws_connected(mqttd, version=raw.V311) as c:

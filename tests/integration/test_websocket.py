@@ -670,6 +670,77 @@ def test_message_too_big_closes_1009(server):
     assert code == 1009
 
 
+def vm_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS line for pid {pid}")
+
+
+def send_fragments(client, count, payload=b" "):
+    """Open a text message and send up to `count` continuation frames
+    without FIN, in blocks; stop once the server stops reading."""
+    client.send(OP_TEXT, b"[", fin=False)
+    block = encode_frame(0x0, payload, fin=False) * 1000
+    try:
+        for _ in range(count // 1000):
+            client.sock.sendall(block)
+    except OSError:
+        pass  # the server closed the connection: the limit worked
+
+
+@pytest.mark.parametrize("payload", [b" ", b""], ids=["one_byte", "empty"])
+def test_too_many_fragments_closes_1009(ws_factory, payload):
+    # The message stays under max_message_size, also with the cost of each
+    # frame, but 2,000 frames are over the default ws.max_fragments of
+    # 1,024.
+    server = ws_factory(ws={"max_message_size": "1MiB"})
+    client = RawClient(server, key=server.keys["dev-1"])
+    try:
+        client.send(OP_TEXT, b"[", fin=False)
+        client.sock.sendall(encode_frame(0x0, payload, fin=False) * 2000)
+        code, reason = client.read_close()
+        assert code == 1009
+        assert reason == "too many fragments"
+    finally:
+        client.close()
+
+
+def test_fragments_count_toward_message_size(server):
+    # 60 one-byte fragments stay under max_fragments, but each frame costs
+    # the server memory beyond its payload, so the 4 KiB limit is reached.
+    client = RawClient(server, key=server.keys["dev-1"])
+    try:
+        client.send(OP_TEXT, b"[", fin=False)
+        client.sock.sendall(encode_frame(0x0, b" ", fin=False) * 60)
+        code, reason = client.read_close()
+        assert code == 1009
+        assert reason == "message too big"
+    finally:
+        client.close()
+
+
+def test_fragment_flood_keeps_server_memory(ws_factory):
+    # Before the fragment limit, each one-byte fragment kept about 90
+    # bytes of server memory: 4 x 100,000 fragments grew RSS by ~36 MB.
+    s = ws_factory(ws={"max_message_size": "1MiB"})
+    before = vm_rss_kib(s.proc.pid)
+    clients = [RawClient(s, key=s.keys["dev-1"]) for _ in range(4)]
+    try:
+        for client in clients:
+            send_fragments(client, 100_000)
+        time.sleep(0.5)
+        grown = vm_rss_kib(s.proc.pid) - before
+        assert grown < 12 * 1024, f"VmRSS grew by {grown} KiB"
+    finally:
+        for client in clients:
+            client.close()
+    good = requests.post(f"{s.base_url}/v1/data", json=reading(1),
+                         headers={"X-API-Key": s.keys["dev-2"]}, timeout=10)
+    assert good.status_code == 202, good.text
+
+
 def test_client_close_gets_close_reply(server):
     client = RawClient(server, key=server.keys["dev-1"])
     try:
