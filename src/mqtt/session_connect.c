@@ -81,7 +81,7 @@ static int string_is(const mqtt_bytes_t *str, const char *text)
 
 /* A verified TLS client certificate names the device. A user name, when
  * sent, must be that device id, and a password, when sent, must be a
- * valid API key of the same device. The registry is asked again here,
+ * valid API key or JWT of the same device. The registry is asked again here,
  * since the device may have been disabled since the handshake. */
 static int auth_certificate(mqtt_session_t *s, const mqtt_connect_t *c,
                             auth_outcome_t *out)
@@ -99,13 +99,19 @@ static int auth_certificate(mqtt_session_t *s, const mqtt_connect_t *c,
         return AUTH_STEP_REJECT;
     }
     if (c->password.data != NULL) {
-        res = auth_check_key(s->listener->auth,
-                             (const char *)c->password.data, c->password.len,
-                             &key_dev);
-        if (res != AUTH_OK || strcmp(key_dev.id, cert->device_id) != 0) {
+        /* The password may be an API key or a JWT, and must belong to the
+         * certificate's device. A JWT's expiry still ends the session. */
+        res = auth_check_credential(
+            s->listener->auth, (const char *)c->password.data,
+            c->password.len, cert->device_id, &key_dev, NULL,
+            &out->expires_at, &out->why);
+        if (res != AUTH_OK) {
             out->reason = MQTT_RC_BAD_USERNAME_OR_PASSWORD;
-            out->metric = res == AUTH_OK ? "certificate_mismatch"
-                                         : "bad_password";
+            out->metric = out->why.reason != NULL &&
+                                  strcmp(out->why.reason,
+                                         "device_mismatch") == 0
+                              ? "certificate_mismatch"
+                              : "bad_password";
             return AUTH_STEP_REJECT;
         }
     }

@@ -793,3 +793,35 @@ def test_bridge_to_tls_broker(tmp_path, pki):
         if server is not None:
             tb.finish(server)
         broker.stop()
+
+
+def test_mqtts_cert_with_jwt_password(server, pki, tmp_path):
+    """A JWT of the certificate's device works as the MQTT password; one of
+    another device is rejected."""
+    from jwt_tokens import new_key, public_pem, token
+
+    key = new_key("EdDSA")
+    pem = tmp_path / "dev-1.pub.pem"
+    pem.write_bytes(public_pem(key))
+    run_cli("device", "set-jwt-key", "dev-1", "--alg", "EdDSA",
+            "--public-key", str(pem), config=server.config)
+    good = token("EdDSA", key, "dev-1")
+    other = token("EdDSA", key, "dev-2")
+    cert = ["--cert", str(pki["valid"][0]), "--key", str(pki["valid"][1])]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            code, err = mosquitto_pub(
+                server, pki, *cert, "-u", "dev-1", "-P", good, "-t",
+                "devices/dev-1/data", "-m", json.dumps(reading(value=47)))
+            if code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # the registry reload picks up the JWT key
+        assert code == 0, err
+        wait_for_value(server, 47)
+        code, _ = mosquitto_pub(
+            server, pki, *cert, "-u", "dev-1", "-P", other, "-t",
+            "devices/dev-1/data", "-m", json.dumps(reading(value=48)))
+        assert code != 0
+    finally:
+        run_cli("device", "clear-jwt", "dev-1", config=server.config)
