@@ -294,6 +294,47 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
     return 0;
 }
 
+/* Longest chunk extension accepted, name and value together. ingestd uses
+ * no extension, but llhttp reads them without any limit. */
+#define CHUNK_EXT_MAX 1024
+
+/* Counts chunk extension bytes: each extension toward CHUNK_EXT_MAX and
+ * all of them toward max_body_bytes, so that a client cannot send an
+ * endless extension that never reaches on_body. */
+static int on_chunk_extension(llhttp_t *p, const char *at, size_t len)
+{
+    http_conn_t *c = conn_of(p);
+    http_request_t *r = &c->req;
+
+    (void)at;
+    r->chunk_ext_bytes += len;
+    r->body_seen += len;
+    if (r->chunk_ext_bytes > CHUNK_EXT_MAX) {
+        http_request_reject(c, 400, "bad_request",
+                            "a chunk extension is over 1 KiB; the server "
+                            "uses no chunk extensions, so send chunks "
+                            "without them",
+                            NULL, HTTP_REJECT_NOW, "bad_framing");
+        c->abort = 1;
+        return HPE_USER;
+    }
+    if (r->body_seen > c->listener->limits.max_body_bytes) {
+        http_request_reject(c, 413, "body_too_large",
+                            "the request body is over the size limit; "
+                            "send fewer readings per request",
+                            NULL, HTTP_REJECT_NOW, "too_large");
+        c->abort = 1;
+        return HPE_USER;
+    }
+    return 0;
+}
+
+static int on_chunk_complete(llhttp_t *p)
+{
+    conn_of(p)->req.chunk_ext_bytes = 0;
+    return 0;
+}
+
 static int on_message_complete(llhttp_t *p)
 {
     http_conn_t *c = conn_of(p);
@@ -315,6 +356,9 @@ static const llhttp_settings_t settings = {
     .on_header_value_complete = on_header_value_complete,
     .on_headers_complete = on_headers_complete,
     .on_body = on_body,
+    .on_chunk_extension_name = on_chunk_extension,
+    .on_chunk_extension_value = on_chunk_extension,
+    .on_chunk_complete = on_chunk_complete,
     .on_message_complete = on_message_complete,
 };
 

@@ -189,6 +189,7 @@ struct http_request {
     http_response_t reject; /* an early rejection, when reject.status != 0 */
     int reject_now;         /* send the rejection without the body */
     uint64_t body_seen;     /* body bytes received, kept or dropped */
+    uint64_t chunk_ext_bytes; /* extension bytes of the current chunk */
     const char *reject_reason; /* ingestd_http_rejected_total label */
     auth_device_t dev;         /* the authenticated device (API) */
     int have_dev;
