@@ -214,6 +214,17 @@ static const directive_t directives[] = {
     {"spool.low_mark", TYPE_INT, CFG(spool.low_mark), 1, 100, "80", NULL, 0},
     {"spool.max_size", TYPE_SIZE, CFG(spool.max_size), 128 * KIB, UINT64_MAX,
      "1GiB", NULL, 0},
+    {"idempotency.enabled", TYPE_BOOL, CFG(idempotency.enabled), 0, 1, "true",
+     NULL, 0},
+    {"idempotency.field", TYPE_STRING, CFG(idempotency.field), 0, 0, "msg_id",
+     NULL, FLAG_EMPTY_DISABLES},
+    {"idempotency.window", TYPE_DURATION, CFG(idempotency.window_ms), MS_PER_S,
+     30 * MS_PER_D, "24h", NULL, 0},
+    {"idempotency.max_keys", TYPE_INT, CFG(idempotency.max_keys), 1,
+     100000000, "1000000", NULL, 0},
+    {"idempotency.mqtt_user_property", TYPE_STRING,
+     CFG(idempotency.mqtt_user_property), 0, 0, "idempotency-key", NULL,
+     FLAG_EMPTY_DISABLES},
     {"shutdown_timeout", TYPE_DURATION, CFG(shutdown_timeout_ms), 0, MS_PER_H,
      "10s", NULL, 0},
     {"sinks_drain_timeout", TYPE_DURATION, CFG(sinks_drain_timeout_ms), 0,
@@ -2118,6 +2129,8 @@ void config_free(config_t *cfg)
     free(cfg->tls.key_file);
     free(cfg->tls.ca_file);
     free(cfg->tls.crl_file);
+    free(cfg->idempotency.field);
+    free(cfg->idempotency.mqtt_user_property);
     free(cfg->default_device_type);
     free(cfg);
 }

@@ -250,6 +250,16 @@ typedef struct config {
         uint64_t table_size; /* devices and addresses tracked, each */
     } limits;
 
+    /* Idempotent ingest: repeats of a key are answered with the original
+     * message ids instead of being stored again (docs/idempotency.md). */
+    struct {
+        int enabled;
+        char *field; /* reading field holding a per-reading key, or NULL */
+        uint64_t window_ms; /* how long an accepted key is remembered */
+        uint64_t max_keys;  /* past this, the oldest keys are evicted */
+        char *mqtt_user_property; /* MQTT 5 user property name, or NULL */
+    } idempotency;
+
     uint64_t shutdown_timeout_ms; /* drain time on SIGTERM */
     /* After the listeners stopped, sinks keep delivering for up to this
      * long, so a clean stop with healthy destinations empties the spool. */

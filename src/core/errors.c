@@ -31,6 +31,8 @@ const char *ing_strerror(int code)
         return "rate limit exceeded";
     case ING_EQUOTA:
         return "quota exceeded";
+    case ING_EBUSY:
+        return "in progress; retry later";
     }
     return "unknown error";
 }

@@ -20,6 +20,7 @@ enum ing_error {
     ING_EDB = -9,        /* an SQLite call failed */
     ING_ECONFIG = -10,   /* the configuration is invalid */
     ING_ETOOBIG = -11,   /* a value is over its configured limit */
+    ING_EBUSY = -12,     /* the same work is in progress; retry later */
     ING_ERATE = -13,     /* over a rate limit; retry after a delay */
     ING_EQUOTA = -14,    /* over the daily quota or a connection limit */
 };

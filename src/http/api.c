@@ -121,6 +121,7 @@ static void api_check(http_conn_t *c, http_request_t *r)
         return;
     }
     if (pipeline_spool_full(pipeline_loop_pipeline(l->pl))) {
+        pipeline_count_rejected("http", "spool_full");
         retry_after_header(l, headers, sizeof(headers));
         http_request_reject(c, 503, "spool_full",
                             "the server's storage is full; retry after the "
@@ -153,6 +154,40 @@ static int count_ok(http_conn_t *c, size_t n)
     return 1;
 }
 
+/* Hands the Idempotency-Key header to the batch. Returns 1, or 0 after
+ * responding. */
+static int set_idempotency_key(http_conn_t *c, http_request_t *r,
+                               pipeline_batch_t *b)
+{
+    char headers[64];
+    int rc = ING_EINVAL;
+
+    if (r->idempotency_key_count == 0)
+        return 1;
+    if (r->idempotency_key_count == 1 && !r->idempotency_key_invalid)
+        rc = pipeline_batch_set_idempotency_key(b, r->idempotency_key,
+                                                r->idempotency_key_len);
+    if (rc == 0)
+        return 1;
+    if (rc == ING_EBUSY) {
+        retry_after_header(c->listener, headers, sizeof(headers));
+        http_conn_error(c, 409, "idempotency_key_in_progress",
+                        "a request with this Idempotency-Key is still being "
+                        "stored; retry after the Retry-After delay to get "
+                        "its result",
+                        headers);
+    } else if (rc == ING_EINVAL) {
+        http_conn_error(c, 400, "invalid_idempotency_key",
+                        "send one Idempotency-Key header of 1 to 255 bytes "
+                        "of UTF-8 without control characters",
+                        NULL);
+    } else {
+        http_conn_error(c, 500, "out_of_memory",
+                        "the server ran out of memory; retry later", NULL);
+    }
+    return 0;
+}
+
 static pipeline_batch_t *new_batch(http_conn_t *c, http_request_t *r)
 {
     pipeline_batch_t *b = pipeline_batch_new(
@@ -160,9 +195,15 @@ static pipeline_batch_t *new_batch(http_conn_t *c, http_request_t *r)
         r->ctype == HTTP_CT_JSON ? "application/json"
                                  : "application/x-ndjson");
 
-    if (b == NULL)
+    if (b == NULL) {
         http_conn_error(c, 500, "out_of_memory",
                         "the server ran out of memory; retry later", NULL);
+        return NULL;
+    }
+    if (!set_idempotency_key(c, r, b)) {
+        pipeline_batch_free(b);
+        return NULL;
+    }
     return b;
 }
 
@@ -348,6 +389,13 @@ static void respond_failed(http_conn_t *c, int status)
                         "not stored, retry after the Retry-After delay",
                         headers);
         break;
+    case ING_EBUSY:
+        http_conn_error(c, 409, "idempotency_key_in_progress",
+                        "a reading's idempotency key belongs to a request "
+                        "that is still being stored; nothing was stored, "
+                        "retry after the Retry-After delay",
+                        headers);
+        break;
     case ING_ETOOBIG:
         http_conn_error(c, 413, "body_too_large",
                         "the batch is too large to store as one unit; "
@@ -379,8 +427,31 @@ static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
     pipeline_batch_free(b);
 }
 
+/* Responds 429 to a batch over the device's rate limit (ING_ERATE) or
+ * daily quota (ING_EQUOTA), with the seconds until it may pass. */
+static void respond_limited(http_conn_t *c, int status, uint64_t wait_ms)
+{
+    char headers[64];
+
+    snprintf(headers, sizeof(headers), "Retry-After: %llu\r\n",
+             (unsigned long long)((wait_ms + 999) / 1000));
+    if (status == ING_ERATE)
+        http_conn_error(c, 429, "rate_limited",
+                        "the device sends faster than its rate limit; the "
+                        "readings were not stored, retry after the "
+                        "Retry-After delay",
+                        headers);
+    else
+        http_conn_error(c, 429, "quota_exceeded",
+                        "the device used up its daily quota of readings; "
+                        "the readings were not stored, retry after the "
+                        "Retry-After delay (midnight UTC)",
+                        headers);
+}
+
 static void submit(http_conn_t *c, http_request_t *r, pipeline_batch_t *b)
 {
+    uint64_t wait_ms;
     int rc;
 
     r->batch = b;
@@ -390,8 +461,12 @@ static void submit(http_conn_t *c, http_request_t *r, pipeline_batch_t *b)
         return;
     http_conn_release(c);
     r->batch = NULL;
+    wait_ms = pipeline_batch_retry_after_ms(b);
     pipeline_batch_free(b);
-    respond_failed(c, rc);
+    if (rc == ING_ERATE || rc == ING_EQUOTA)
+        respond_limited(c, rc, wait_ms);
+    else
+        respond_failed(c, rc);
 }
 
 static void api_handle(http_conn_t *c, http_request_t *r)

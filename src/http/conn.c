@@ -157,6 +157,14 @@ static void use_header(http_request_t *r)
             r->key_overflow = 1;
         else
             set_key(r, r->value, r->value_len);
+    } else if (strcasecmp(r->field, "idempotency-key") == 0) {
+        r->idempotency_key_count++;
+        r->idempotency_key_invalid = r->value_overflow ||
+                                     r->value_len > HTTP_IDEMPOTENCY_KEY_MAX;
+        if (!r->idempotency_key_invalid) {
+            memcpy(r->idempotency_key, r->value, r->value_len + 1);
+            r->idempotency_key_len = r->value_len;
+        }
     } else if (strcasecmp(r->field, "expect") == 0) {
         r->expect_continue = strcasecmp(r->value, "100-continue") == 0;
     } else {

@@ -144,6 +144,7 @@ enum http_conn_state {
  * is at most HTTP_VALUE_MAX anyway, so JWTs over HTTP are limited to
  * that, below AUTH_CREDENTIAL_MAX. */
 #define HTTP_KEY_MAX HTTP_VALUE_MAX
+#define HTTP_IDEMPOTENCY_KEY_MAX 255
 #define HTTP_WS_KEY_MAX 64
 #define HTTP_WS_VERSION_MAX 16
 #define HTTP_WS_PROTOCOLS_MAX 256
@@ -196,6 +197,12 @@ struct http_request {
     int ctype;                 /* enum http_content_type (API) */
     pipeline_batch_t *batch;   /* submitted and pending (API) */
     size_t unparsable;         /* readings that failed to parse (API) */
+    /* The Idempotency-Key header (API). A value over the 255 bytes that
+     * the pipeline accepts, or a repeated header, makes it invalid. */
+    char idempotency_key[HTTP_IDEMPOTENCY_KEY_MAX + 1];
+    size_t idempotency_key_len;
+    int idempotency_key_count; /* headers seen */
+    int idempotency_key_invalid;
     http_ws_headers_t ws;      /* WebSocket handshake headers (API) */
 };
 

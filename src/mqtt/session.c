@@ -305,7 +305,7 @@ mqtt_reply_t *mqtt_session_push_reply(mqtt_session_t *s)
 
 void mqtt_reply_free(mqtt_reply_t *r)
 {
-    /* A QoS 2 reply keeps its state alive until here (see
+    /* A QoS 1 or 2 reply keeps its state alive until here (see
      * mqtt_state_ref in session_publish.c). */
     if (r->state != NULL)
         mqtt_state_unref(r->state);

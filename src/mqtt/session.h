@@ -237,6 +237,14 @@ int mqtt_state_qos2_has(mqtt_state_t *st, uint16_t id);
 int mqtt_state_qos2_add(mqtt_state_t *st, uint16_t id);
 int mqtt_state_qos2_remove(mqtt_state_t *st, uint16_t id);
 
+/* Packet ids of QoS 1 messages stored in this session, at most `max`
+ * (the oldest are forgotten first), so that a PUBLISH resent with DUP
+ * after a lost PUBACK is acknowledged without being stored again. A
+ * PUBLISH without DUP reuses its id for a new message and removes it. */
+int mqtt_state_qos1_has(mqtt_state_t *st, uint16_t id);
+int mqtt_state_qos1_add(mqtt_state_t *st, uint16_t id, size_t max);
+void mqtt_state_qos1_remove(mqtt_state_t *st, uint16_t id);
+
 /* Adds a feedback filter. Returns 0, ING_EFULL past `max`, or
  * ING_ENOMEM. A filter already present counts as added. */
 int mqtt_state_subscribe(mqtt_state_t *st, const char *filter, size_t max);

@@ -7,6 +7,11 @@
  * being stored twice. When the spool is full, 5.0 QoS 1 and 2 messages get
  * 0x97 (Quota exceeded); every other message is held, reading stops, and
  * the submit is retried until the spool accepts it.
+ *
+ * A stored QoS 1 packet id is remembered as well, so that a PUBLISH resent
+ * with DUP after a lost PUBACK is acknowledged without being stored again.
+ * An MQTT 5 user property named idempotency.mqtt_user_property is the
+ * message's idempotency key (see pipeline_batch_set_idempotency_key).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -314,6 +319,10 @@ static void on_done(pipeline_batch_t *b, int status, void *arg)
         mqtt_metrics_message(r->qos, "accepted");
         if (r->qos == 2 && mqtt_state_qos2_add(r->state, r->packet_id) != 0)
             status = ING_ENOMEM;
+        if (r->qos == 1 && r->state != NULL &&
+            mqtt_state_qos1_add(r->state, r->packet_id,
+                                s->listener->cfg->mqtt.receive_maximum) != 0)
+            status = ING_ENOMEM;
     } else {
         mqtt_metrics_message(r->qos, "failed");
         log_write_limited("mqtt_store_failed", 5, LOG_LEVEL_ERROR,
@@ -395,8 +404,8 @@ static int resolve_alias(mqtt_session_t *s, const mqtt_publish_t *p,
     return 0;
 }
 
-/* Answers a retransmitted QoS 2 PUBLISH whose packet id is already
- * stored: PUBREC again, in order, without storing. */
+/* Answers a retransmitted QoS 1 or 2 PUBLISH whose packet id is already
+ * stored: PUBACK or PUBREC again, in order, without storing. */
 static int answer_duplicate(mqtt_session_t *s, const mqtt_publish_t *p)
 {
     mqtt_reply_t *r = mqtt_session_push_reply(s);
@@ -405,10 +414,10 @@ static int answer_duplicate(mqtt_session_t *s, const mqtt_publish_t *p)
         mqtt_session_close(s);
         return -1;
     }
-    r->qos = 2;
+    r->qos = p->qos;
     r->packet_id = p->packet_id;
     encode_reply(s, r, MQTT_RC_SUCCESS, NULL);
-    mqtt_metrics_message(2, "duplicate");
+    mqtt_metrics_message(p->qos, "duplicate");
     mqtt_session_flush_replies(s);
     return s->phase == MQTT_PHASE_CLOSING ? -1 : 0;
 }
@@ -449,6 +458,27 @@ error:
     return -1;
 }
 
+/* Hands the 5.0 user property named idempotency.mqtt_user_property to
+ * the batch as its idempotency key. Returns 0 (also without one), or the
+ * error of pipeline_batch_set_idempotency_key. */
+static int set_idempotency_key(const mqtt_session_t *s,
+                               const mqtt_publish_t *p, pipeline_batch_t *b)
+{
+    const char *name = s->listener->cfg->idempotency.mqtt_user_property;
+    size_t len;
+
+    if (name == NULL || s->version != MQTT_V5)
+        return 0;
+    len = strlen(name);
+    for (size_t i = 0; i < p->props.user_property_count; i++) {
+        const mqtt_user_property_t *u = &p->props.user_properties[i];
+        if (u->name.len == len && memcmp(u->name.data, name, len) == 0)
+            return pipeline_batch_set_idempotency_key(
+                b, (const char *)u->value.data, u->value.len);
+    }
+    return 0;
+}
+
 /* Validates and submits the message. `topic` is NUL-terminated. */
 static int store_message(mqtt_session_t *s, const mqtt_publish_t *p,
                          const char *topic)
@@ -459,6 +489,7 @@ static int store_message(mqtt_session_t *s, const mqtt_publish_t *p,
     mqtt_reply_t *r;
     json_t *doc = NULL, *errors;
     size_t invalid, forbidden;
+    int rc;
 
     if (parse_payload(s, p, &doc, why, sizeof(why)) != 0) {
         mqtt_metrics_readings("unparsable", 1);
@@ -480,6 +511,20 @@ static int store_message(mqtt_session_t *s, const mqtt_publish_t *p,
         pipeline_batch_set_metadata(b, "mqtt",
                                     envelope_metadata(s, p, topic)) != 0)
         goto oom;
+    rc = set_idempotency_key(s, p, b);
+    if (rc == ING_ENOMEM)
+        goto oom;
+    if (rc != 0) {
+        json_decref(doc);
+        pipeline_batch_free(b);
+        return reject_message(s, p, MQTT_RC_IMPLEMENTATION_SPECIFIC,
+                              rc == ING_EBUSY
+                                  ? "a message with this idempotency key is "
+                                    "still being stored; resend it later"
+                                  : "the idempotency key must be 1 to 255 "
+                                    "bytes without control characters",
+                              0);
+    }
     if (json_is_array(doc)) {
         for (size_t i = 0; i < json_array_size(doc); i++) {
             if (pipeline_batch_add(b, json_array_get(doc, i)) < 0)
@@ -516,7 +561,7 @@ static int store_message(mqtt_session_t *s, const mqtt_publish_t *p,
     r->batch = b;
     r->qos = p->qos;
     r->packet_id = p->packet_id;
-    if (p->qos == 2)
+    if (p->qos > 0 && s->state != NULL)
         r->state = mqtt_state_ref(s->state);
     if (p->qos > 0)
         s->inflight++;
@@ -565,6 +610,14 @@ int mqtt_session_on_publish(mqtt_session_t *s, mqtt_publish_t *p)
         mqtt_state_qos2_has(s->state, p->packet_id)) {
         free(topic);
         return answer_duplicate(s, p);
+    }
+    if (p->qos == 1 && s->state != NULL) {
+        if (p->dup && mqtt_state_qos1_has(s->state, p->packet_id)) {
+            free(topic);
+            return answer_duplicate(s, p);
+        }
+        if (!p->dup)
+            mqtt_state_qos1_remove(s->state, p->packet_id);
     }
     switch (check_topic(s, topic)) {
     case TOPIC_OTHER_DEVICE:

@@ -35,6 +35,8 @@ struct mqtt_state {
 
     uint16_t *qos2;
     size_t qos2_count, qos2_cap;
+    uint16_t *qos1; /* stored QoS 1 packet ids, oldest first */
+    size_t qos1_count, qos1_cap;
     char **filters;
     size_t filter_count;
 };
@@ -66,6 +68,7 @@ static void state_free(mqtt_state_t *st)
         subscribed_states--;
     free(st->filters);
     free(st->qos2);
+    free(st->qos1);
     free(st);
 }
 
@@ -290,6 +293,63 @@ int mqtt_state_qos2_remove(mqtt_state_t *st, uint16_t id)
     }
     pthread_mutex_unlock(&table_lock);
     return found;
+}
+
+int mqtt_state_qos1_has(mqtt_state_t *st, uint16_t id)
+{
+    int found = 0;
+
+    pthread_mutex_lock(&table_lock);
+    for (size_t i = 0; i < st->qos1_count && !found; i++)
+        found = st->qos1[i] == id;
+    pthread_mutex_unlock(&table_lock);
+    return found;
+}
+
+static void qos1_remove_locked(mqtt_state_t *st, uint16_t id)
+{
+    for (size_t i = 0; i < st->qos1_count; i++) {
+        if (st->qos1[i] == id) {
+            memmove(&st->qos1[i], &st->qos1[i + 1],
+                    (st->qos1_count - i - 1) * sizeof(*st->qos1));
+            st->qos1_count--;
+            return;
+        }
+    }
+}
+
+int mqtt_state_qos1_add(mqtt_state_t *st, uint16_t id, size_t max)
+{
+    int rc = 0;
+
+    pthread_mutex_lock(&table_lock);
+    qos1_remove_locked(st, id);
+    if (st->qos1_count >= max && st->qos1_count > 0) {
+        memmove(st->qos1, st->qos1 + 1,
+                (st->qos1_count - 1) * sizeof(*st->qos1));
+        st->qos1_count--;
+    }
+    if (st->qos1_count == st->qos1_cap) {
+        size_t cap = st->qos1_cap ? st->qos1_cap * 2 : 8;
+        uint16_t *grown = realloc(st->qos1, cap * sizeof(*grown));
+        if (grown == NULL) {
+            rc = ING_ENOMEM;
+            goto done;
+        }
+        st->qos1 = grown;
+        st->qos1_cap = cap;
+    }
+    st->qos1[st->qos1_count++] = id;
+done:
+    pthread_mutex_unlock(&table_lock);
+    return rc;
+}
+
+void mqtt_state_qos1_remove(mqtt_state_t *st, uint16_t id)
+{
+    pthread_mutex_lock(&table_lock);
+    qos1_remove_locked(st, id);
+    pthread_mutex_unlock(&table_lock);
 }
 
 int mqtt_state_subscribe(mqtt_state_t *st, const char *filter, size_t max)

@@ -9,6 +9,7 @@
 #include "core/errors.h"
 #include "core/ids.h"
 #include "core/log.h"
+#include "pipeline/idempotency_batch.h"
 #include "pipeline/flow.h"
 #include "validate/validate.h"
 
@@ -21,6 +22,7 @@ struct pipeline {
     spool_t *spool;
     compiled_type_t *types;
     size_t type_count;
+    idem_pipeline_t *idem; /* NULL when idempotency is off */
     const config_t *cfg;
     pipeline_flow_t *flow;
 };
@@ -49,6 +51,8 @@ struct pipeline_batch {
     json_t *metadata; /* extra envelope fields, or NULL */
     const schema_t *schema;
     char received_at[32];
+    int64_t received_ms; /* received_at as a number */
+    idem_batch_t idem; /* idempotency keys and the reported ids */
 
     envelope_t *accepted;
     size_t accepted_count;
@@ -83,6 +87,7 @@ int pipeline_create(const config_t *cfg, spool_t *spool, pipeline_t **out,
 {
     char schema_err[512];
     pipeline_t *p = calloc(1, sizeof(*p));
+    int rc;
 
     if (p == NULL)
         return ING_ENOMEM;
@@ -118,6 +123,11 @@ int pipeline_create(const config_t *cfg, spool_t *spool, pipeline_t **out,
             return ING_ECONFIG;
         }
     }
+    rc = idem_pipeline_create(cfg, spool, &p->idem, err, errlen);
+    if (rc != 0) {
+        pipeline_destroy(p);
+        return rc;
+    }
     *out = p;
     return 0;
 }
@@ -131,6 +141,7 @@ void pipeline_destroy(pipeline_t *p)
         schema_free(p->types[i].schema);
     }
     free(p->types);
+    idem_pipeline_destroy(p->idem);
     pipeline_flow_destroy(p->flow);
     free(p);
 }
@@ -267,6 +278,8 @@ pipeline_batch_t *pipeline_batch_new(pipeline_loop_t *pl,
         goto error;
     b->schema = find_schema(pl->pipeline, dev->type);
     format_now(b->received_at, sizeof(b->received_at));
+    idempotency_parse_time(b->received_at, &b->received_ms);
+    idem_batch_init(&b->idem, pl->pipeline->idem, b->dev.id, b->protocol);
     return b;
 
 error:
@@ -302,7 +315,8 @@ static int record_errors(pipeline_batch_t *b, size_t index,
     return json_array_append_new(b->errors, entry) == 0 ? 0 : ING_ENOMEM;
 }
 
-static int append_envelope(pipeline_batch_t *b, const json_t *reading)
+static int append_envelope(pipeline_batch_t *b, const json_t *reading,
+                           const char *key, size_t key_len)
 {
     envelope_t *e;
     json_t *env;
@@ -323,6 +337,8 @@ static int append_envelope(pipeline_batch_t *b, const json_t *reading)
                     "protocol", b->protocol, "received_at", b->received_at);
     if (env == NULL)
         return ING_ENOMEM;
+    if (key != NULL)
+        json_object_set_new(env, "idempotency_key", json_stringn(key, key_len));
     if (b->content_type != NULL)
         json_object_set_new(env, "content_type",
                             json_string(b->content_type));
@@ -337,15 +353,15 @@ static int append_envelope(pipeline_batch_t *b, const json_t *reading)
         return ING_ENOMEM;
     e->len = strlen(e->json);
     b->accepted_count++;
-    return 0;
+    return idem_batch_push_id(&b->idem, e->id);
 }
 
 int pipeline_batch_set_metadata(pipeline_batch_t *b, const char *key,
                                 json_t *value)
 {
     static const char *const reserved[] = {
-        "message_id", "device_id", "device_type", "protocol",
-        "received_at", "content_type", "payload"};
+        "message_id",   "device_id",       "device_type", "protocol",
+        "received_at",  "idempotency_key", "content_type", "payload"};
 
     if (value == NULL)
         return ING_ENOMEM;
@@ -375,7 +391,12 @@ int pipeline_batch_add(pipeline_batch_t *b, const json_t *reading)
     validate_errors_t errs;
     const json_t *claimed;
     char reason[AUTH_DEVICE_ID_MAX * 2 + 96];
+    const char *key;
+    size_t key_len;
     int n, rc;
+
+    if (b->idem.request_replay)
+        return PIPELINE_ACCEPTED; /* answered with the original ids */
 
     /* A device speaks only for itself: a device_id field naming another
      * device is rejected before validation. */
@@ -410,13 +431,20 @@ int pipeline_batch_add(pipeline_batch_t *b, const json_t *reading)
         return rc ? rc : PIPELINE_INVALID;
     }
     validate_errors_clear(&errs);
-    rc = append_envelope(b, reading);
+    rc = idem_batch_check_reading(&b->idem, reading, &key, &key_len);
+    if (rc == IDEM_STORE)
+        rc = append_envelope(b, reading, key, key_len);
+    else if (rc == IDEM_ANSWERED)
+        rc = 0;
     return rc ? rc : PIPELINE_ACCEPTED;
 }
 
 void pipeline_batch_add_unparsable(pipeline_batch_t *b, const char *reason)
 {
     size_t index = b->count++;
+
+    if (b->idem.request_replay)
+        return;
 
     b->invalid++;
     record_errors(b, index, NULL, "", reason);
@@ -444,12 +472,25 @@ json_t *pipeline_batch_errors(const pipeline_batch_t *b)
 
 const char *pipeline_batch_id(const pipeline_batch_t *b, size_t i)
 {
-    return i < b->accepted_count ? b->accepted[i].id : NULL;
+    return i < b->idem.id_count ? b->idem.ids[i] : NULL;
 }
 
 size_t pipeline_batch_accepted(const pipeline_batch_t *b)
 {
-    return b->accepted_count;
+    return b->idem.id_count;
+}
+
+size_t pipeline_batch_replayed(const pipeline_batch_t *b)
+{
+    return b->idem.replayed;
+}
+
+int pipeline_batch_set_idempotency_key(pipeline_batch_t *b, const char *key,
+                                       size_t len)
+{
+    if (b->count > 0)
+        return ING_EINVAL;
+    return idem_batch_set_request_key(&b->idem, key, len);
 }
 
 uint64_t pipeline_batch_retry_after_ms(const pipeline_batch_t *b)
@@ -500,12 +541,27 @@ static void on_spool_done(void *arg, int status)
     pipeline_batch_t *b = arg;
     pipeline_loop_t *pl = b->pl;
 
+    /* Keys are committed before the adapter acknowledges, so that a
+     * repeat arriving right after the acknowledgement is recognised. */
+    idem_batch_settle(&b->idem, status, b->received_ms);
     b->status = status;
     pthread_mutex_lock(&pl->lock);
     b->next_completed = pl->completed;
     pl->completed = b;
     pthread_mutex_unlock(&pl->lock);
     uv_async_send(&pl->async);
+}
+
+/* Completes a batch whose every reading repeats an earlier one: nothing
+ * is stored, and the completion runs on the loop like any other. */
+static int complete_replay(pipeline_batch_t *b, pipeline_done_fn done,
+                           void *arg)
+{
+    b->done = done;
+    b->done_arg = arg;
+    b->pl->pending++;
+    on_spool_done(b, 0);
+    return 0;
 }
 
 int pipeline_batch_submit(pipeline_batch_t *b, pipeline_done_fn done,
@@ -515,8 +571,12 @@ int pipeline_batch_submit(pipeline_batch_t *b, pipeline_done_fn done,
     struct iovec *iov = stack_iov;
     int rc;
 
-    if (b->invalid > 0 || b->forbidden > 0 || b->accepted_count == 0)
+    if (b->idem.busy > 0)
+        return ING_EBUSY;
+    if (b->invalid > 0 || b->forbidden > 0 || b->idem.id_count == 0)
         return ING_EINVAL;
+    if (b->accepted_count == 0)
+        return complete_replay(b, done, arg);
     rc = check_flow(b);
     if (rc != 0)
         return rc;
@@ -552,6 +612,7 @@ void pipeline_batch_free(pipeline_batch_t *b)
     for (size_t i = 0; i < b->accepted_count; i++)
         free(b->accepted[i].json);
     free(b->accepted);
+    idem_batch_clear(&b->idem);
     json_decref(b->errors);
     json_decref(b->metadata);
     free(b->content_type);

@@ -89,12 +89,36 @@ size_t pipeline_batch_forbidden(const pipeline_batch_t *b); /* forbidden */
  *   "reason":"must be <= 100, got 120"}]}]. The caller owns it. */
 json_t *pipeline_batch_errors(const pipeline_batch_t *b);
 
-/* Number of readings accepted into the batch so far. */
+/* Number of readings accepted into the batch so far, including those
+ * answered with the ids of an earlier acceptance of their idempotency key.
+ * After a replayed request key, the number of ids that request got. */
 size_t pipeline_batch_accepted(const pipeline_batch_t *b);
 
-/* Returns the message id assigned to accepted reading `i`, in the order
- * they were added, or NULL when `i` is out of range. */
+/* Returns the message id of accepted reading `i`, in the order they were
+ * added (the original id for a replayed key), or NULL when `i` is out of
+ * range. */
 const char *pipeline_batch_id(const pipeline_batch_t *b, size_t i);
+
+/* Sets the request-level idempotency key (HTTP Idempotency-Key, an MQTT 5
+ * user property, the WebSocket "idempotency_key"), which covers every
+ * reading of the batch and replaces their per-reading keys. Call before
+ * the first pipeline_batch_add. When the device used the key within
+ * idempotency.window, the batch becomes a replay: readings added later are
+ * ignored, nothing is stored, and the completion reports the original ids.
+ * Without idempotency.enabled the key is ignored. Returns 0 (new key or
+ * replay), ING_EBUSY while a batch with that key is in flight (answer
+ * "retry later"), ING_EINVAL for a key that is empty, over 255 bytes, not
+ * UTF-8 or has control characters, or ING_ENOMEM.
+ *
+ * Per-reading keys come from the reading field named by
+ * idempotency.field, a string or an integer, and are handled inside
+ * pipeline_batch_add. A reading whose key another batch holds in flight
+ * makes pipeline_batch_submit return ING_EBUSY. */
+int pipeline_batch_set_idempotency_key(pipeline_batch_t *b, const char *key,
+                                       size_t len);
+
+/* Number of accepted readings answered with original ids, not stored. */
+size_t pipeline_batch_replayed(const pipeline_batch_t *b);
 
 /* Called on the batch's loop thread. `status` is 0 when every reading is
  * durable, ING_EFULL, ING_EIO or ING_ESHUTDOWN otherwise. The batch stays

@@ -94,6 +94,13 @@ json_t *ws_reply_failed(const json_t *id, int status, uint64_t retry_after_s,
                            "not stored, resend them after retry_after "
                            "seconds"),
             retry_after_s);
+    case ING_EBUSY:
+        return with_retry(
+            ws_reply_error(id, "idempotency_key_in_progress",
+                           "a reading's idempotency key belongs to a "
+                           "message that is still being stored; nothing "
+                           "was stored, resend after retry_after seconds"),
+            retry_after_s);
     case ING_ETOOBIG:
         return ws_reply_error(id, "too_large",
                               "a reading is over the storage's record size "
@@ -214,9 +221,33 @@ static int reject_batch(ws_parsed_t *out, pipeline_batch_t *b,
     return 0;
 }
 
-/* Builds the batch from `items`. Returns 0 or ING_ENOMEM. */
+/* Hands the envelope's "idempotency_key" to the batch. Returns 0 with no
+ * reply, 0 with a reply set, or ING_ENOMEM. */
+static int set_idempotency_key(pipeline_batch_t *b, const json_t *key,
+                               ws_parsed_t *out)
+{
+    int rc = ING_EINVAL;
+
+    if (key == NULL)
+        return 0;
+    if (json_is_string(key))
+        rc = pipeline_batch_set_idempotency_key(b, json_string_value(key),
+                                                json_string_length(key));
+    if (rc == 0 || rc == ING_ENOMEM)
+        return rc;
+    if (rc == ING_EBUSY)
+        return reject(out, WS_MESSAGE_INVALID, "idempotency_key_in_progress",
+                      "a message with this idempotency_key is still being "
+                      "stored; resend it in a second to get its ids");
+    return reject(out, WS_MESSAGE_INVALID, "invalid_envelope",
+                  "the envelope's idempotency_key must be a string of 1 to "
+                  "255 bytes without control characters");
+}
+
+/* Builds the batch from `items`, under the envelope's idempotency `key`
+ * (NULL for none). Returns 0 or ING_ENOMEM. */
 static int build_batch(const ws_ingest_config_t *cfg, const auth_device_t *dev,
-                       json_t *items, ws_parsed_t *out)
+                       json_t *items, const json_t *key, ws_parsed_t *out)
 {
     size_t n = json_array_size(items);
     size_t unparsable = 0;
@@ -237,6 +268,10 @@ static int build_batch(const ws_ingest_config_t *cfg, const auth_device_t *dev,
     b = pipeline_batch_new(cfg->pl, dev, "ws", "application/json");
     if (b == NULL)
         return ING_ENOMEM;
+    if (set_idempotency_key(b, key, out) != 0 || out->reply != NULL) {
+        pipeline_batch_free(b);
+        return out->reply != NULL ? 0 : ING_ENOMEM;
+    }
     for (size_t i = 0; i < n; i++) {
         const json_t *value = json_array_get(items, i);
         if (!json_is_object(value)) {
@@ -261,6 +296,7 @@ int ws_message_parse(const ws_ingest_config_t *cfg, const auth_device_t *dev,
 {
     json_error_t error;
     json_t *root, *items = NULL;
+    const json_t *key = NULL;
     char message[256];
     int rc;
 
@@ -278,8 +314,14 @@ int ws_message_parse(const ws_ingest_config_t *cfg, const auth_device_t *dev,
         goto done;
     }
     rc = find_readings(root, out, &items);
+    /* Only an envelope carries a key; in a bare reading the member is
+     * the reading's own. */
+    if (out->id != NULL || (json_is_object(root) &&
+                            (json_object_get(root, "reading") != NULL ||
+                             json_object_get(root, "readings") != NULL)))
+        key = json_object_get(root, "idempotency_key");
     if (rc == 0 && out->reply == NULL)
-        rc = build_batch(cfg, dev, items, out);
+        rc = build_batch(cfg, dev, items, key, out);
 done:
     json_decref(items);
     json_decref(root);
