@@ -354,6 +354,98 @@ static int device_clear_jwt(registry_t *reg, const char *id)
     return 0;
 }
 
+static void copy_limits(const registry_entry_t *e, void *arg)
+{
+    *(auth_limits_t *)arg = e->limits;
+}
+
+/* Prints the device's limit overrides for `device show`. */
+static void print_limits(const auth_limits_t *l)
+{
+    static const char *const names[AUTH_LIMIT_COUNT] = {
+        "readings_per_second", "burst", "bytes_per_second", "daily_readings"};
+
+    for (int i = 0; i < AUTH_LIMIT_COUNT; i++) {
+        printf("limit %-20s", names[i]);
+        if (!(l->set & (1u << i)))
+            printf("from the device type\n");
+        else if (l->value[i] == 0)
+            printf("unlimited\n");
+        else
+            printf("%llu\n", (unsigned long long)l->value[i]);
+    }
+}
+
+/* Option values of `device set-limits`, NULL when not given. */
+typedef struct limit_args {
+    const char *value[AUTH_LIMIT_COUNT];
+    int clear;
+} limit_args_t;
+
+/* Parses a limit given on the command line: a whole number, or a size
+ * with a unit for bytes_per_second. Returns 0 or -1 after a message. */
+static int parse_limit(int which, const char *text, uint64_t *out)
+{
+    static const char *const options[AUTH_LIMIT_COUNT] = {
+        "--readings-per-second", "--burst", "--bytes-per-second",
+        "--daily-readings"};
+    char *end;
+
+    if (which == AUTH_LIMIT_BYTES_PER_SECOND) {
+        if (config_parse_size(text, out) == 0)
+            return 0;
+    } else if (text[0] >= '0' && text[0] <= '9') {
+        errno = 0;
+        *out = strtoull(text, &end, 10);
+        if (errno == 0 && *end == '\0')
+            return 0;
+    }
+    fprintf(stderr,
+            "ingestd: %s: expected %s, got \"%s\"; 0 means unlimited\n",
+            options[which],
+            which == AUTH_LIMIT_BYTES_PER_SECOND
+                ? "a size such as 4096 or 64KiB"
+                : "a whole number",
+            text);
+    return -1;
+}
+
+/* Sets the limits given, keeping the other overrides unless --clear. */
+static int device_set_limits(registry_t *reg, const char *id,
+                             const limit_args_t *args)
+{
+    auth_limits_t limits = {0};
+    int rc, given = 0;
+
+    if (!args->clear) {
+        rc = registry_device_get(reg, id, copy_limits, &limits);
+        if (rc != 0)
+            return change_failed("reading", id, rc);
+    }
+    for (int i = 0; i < AUTH_LIMIT_COUNT; i++) {
+        if (args->value[i] == NULL)
+            continue;
+        if (parse_limit(i, args->value[i], &limits.value[i]) != 0)
+            return 2;
+        limits.set |= 1u << i;
+        given = 1;
+    }
+    if (!given && !args->clear) {
+        fprintf(stderr, "ingestd: device set-limits needs --clear or at "
+                        "least one of --readings-per-second, --burst, "
+                        "--bytes-per-second and --daily-readings\n");
+        return 2;
+    }
+    rc = registry_device_set_limits(reg, id, &limits);
+    if (rc != 0)
+        return change_failed("setting the limits", id, rc);
+    printf("Device \"%s\" limits updated; a running ingestd applies them "
+           "at its next registry reload.\n",
+           id);
+    print_limits(&limits);
+    return 0;
+}
+
 /* Prints one device for `device show`: never a secret or a key hash. */
 static void show_entry(const registry_entry_t *e, void *arg)
 {
@@ -378,6 +470,7 @@ static void show_entry(const registry_entry_t *e, void *arg)
         printf("certificate:         not pinned\n");
     }
     printf("jwt:                 %s\n", e->jwt_alg ? e->jwt_alg : "no");
+    print_limits(&e->limits);
 }
 
 static int device_show(registry_t *reg, const char *id)
@@ -388,6 +481,10 @@ static int device_show(registry_t *reg, const char *id)
         return change_failed("reading", id, rc);
     return 0;
 }
+
+/* getopt_long values of the options without a short form. */
+#define CLEAR_OPTION 1000
+#define LIMIT_OPTION 1001
 
 static void device_usage(FILE *f)
 {
@@ -404,7 +501,11 @@ static void device_usage(FILE *f)
             "       ingestd device set-jwt-key ID --alg RS256|ES256|EdDSA "
             "--public-key FILE.pem -c FILE\n"
             "       ingestd device new-jwt-secret ID -c FILE\n"
-            "       ingestd device clear-jwt ID -c FILE\n");
+            "       ingestd device clear-jwt ID -c FILE\n"
+            "       ingestd device set-limits ID [--readings-per-second N] "
+            "[--burst N]\n"
+            "           [--bytes-per-second SIZE] [--daily-readings N] "
+            "[--clear] -c FILE\n");
 }
 
 int app_device(const char *config_path, int argc, char **argv)
@@ -416,11 +517,20 @@ int app_device(const char *config_path, int argc, char **argv)
         {"cert", required_argument, NULL, 'C'},
         {"alg", required_argument, NULL, 'a'},
         {"public-key", required_argument, NULL, 'k'},
+        {"readings-per-second", required_argument, NULL,
+         LIMIT_OPTION + AUTH_LIMIT_READINGS_PER_SECOND},
+        {"burst", required_argument, NULL, LIMIT_OPTION + AUTH_LIMIT_BURST},
+        {"bytes-per-second", required_argument, NULL,
+         LIMIT_OPTION + AUTH_LIMIT_BYTES_PER_SECOND},
+        {"daily-readings", required_argument, NULL,
+         LIMIT_OPTION + AUTH_LIMIT_DAILY_READINGS},
+        {"clear", no_argument, NULL, CLEAR_OPTION},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *type = NULL, *grace = NULL, *sub, *id = NULL;
     const char *fingerprint = NULL, *cert = NULL, *alg = NULL, *key = NULL;
+    limit_args_t limit_args = {0};
     char err[1024];
     config_t *cfg = NULL;
     registry_t *reg = NULL;
@@ -451,6 +561,15 @@ int app_device(const char *config_path, int argc, char **argv)
             break;
         case 'k':
             key = optarg;
+            break;
+        case CLEAR_OPTION:
+            limit_args.clear = 1;
+            break;
+        case LIMIT_OPTION + AUTH_LIMIT_READINGS_PER_SECOND:
+        case LIMIT_OPTION + AUTH_LIMIT_BURST:
+        case LIMIT_OPTION + AUTH_LIMIT_BYTES_PER_SECOND:
+        case LIMIT_OPTION + AUTH_LIMIT_DAILY_READINGS:
+            limit_args.value[c - LIMIT_OPTION] = optarg;
             break;
         case 'h':
             device_usage(stdout);
@@ -504,6 +623,8 @@ int app_device(const char *config_path, int argc, char **argv)
         rc = device_new_jwt_secret(reg, id);
     } else if (strcmp(sub, "clear-jwt") == 0) {
         rc = device_clear_jwt(reg, id);
+    } else if (strcmp(sub, "set-limits") == 0) {
+        rc = device_set_limits(reg, id, &limit_args);
     } else {
         fprintf(stderr, "ingestd: unknown device command \"%s\"\n", sub);
         device_usage(stderr);

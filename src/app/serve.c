@@ -268,6 +268,10 @@ static const char *not_ready(void *arg)
 
     if (atomic_load(&s->draining))
         return "shutting down";
+    /* Past the high mark the spool turns readings away until it drops
+     * below the low mark, so a load balancer sends devices elsewhere. */
+    if (s->pipeline != NULL && pipeline_spool_full(s->pipeline))
+        return "spool congested";
     if (spool_is_full(s->spool))
         return "spool full";
     return NULL;

@@ -46,7 +46,7 @@ void http_conn_close(http_conn_t *c)
     }
     l->conn_count--;
     if (c->counted)
-        l->served--;
+        http_listener_conn_uncount(c);
     http_metrics_connection(l->kind, -1);
     log_debug("connection closed", "conn=%llu listener=%s peer=%s",
               (unsigned long long)c->id, l->name, c->peer);

@@ -366,6 +366,14 @@ void http_listener_conn_gone(http_conn_t *c);
  * (listener.c). */
 void http_listener_conn_ready(net_conn_t *n);
 
+/* Releases a connection counted against the connection limits
+ * (listener.c). */
+void http_listener_conn_uncount(http_conn_t *c);
+
+/* Values of http_conn_t.turned_away. */
+#define HTTP_TURN_AWAY_FULL 1 /* over a connection maximum: 503 */
+#define HTTP_TURN_AWAY_RATE 2 /* over the address's connection rate: 429 */
+
 /* Logs a rejected request at warn, rate-limited. */
 void http_log_reject(http_conn_t *c, int status, const char *code);
 

@@ -121,6 +121,23 @@ static void unlink_conn(http_listener_t *l, http_conn_t *c)
     c->prev = c->next = NULL;
 }
 
+/* Responds 429 at once to a connection over
+ * limits.connection_rate_per_address. The rate is a whole number of
+ * connections per second, so a token is back within one second. */
+static void turn_away_rate(http_conn_t *c)
+{
+    http_response_t resp = {0};
+
+    if (http_response_error(&resp, 429, "connection_rate_exceeded",
+                            "too many new connections from this address; "
+                            "retry after the Retry-After delay",
+                            "Retry-After: 1\r\n", NULL) != 0) {
+        http_conn_close(c);
+        return;
+    }
+    http_conn_turn_away(c, &resp);
+}
+
 /* Responds 503 at once to a connection over max_connections, so that the
  * client learns to retry instead of waiting in the backlog. */
 static void turn_away(http_conn_t *c)
@@ -129,6 +146,12 @@ static void turn_away(http_conn_t *c)
     http_response_t resp = {0};
     char headers[64];
 
+    if (c->turned_away == HTTP_TURN_AWAY_RATE) {
+        turn_away_rate(c);
+        return;
+    }
+    if (l->kind == HTTP_LISTENER_API)
+        pipeline_count_rejected("http", "too_many_connections");
     snprintf(headers, sizeof(headers), "Retry-After: %llu\r\n",
              (unsigned long long)l->limits.retry_after_s);
     http_metrics_rejected("too_many_connections");
@@ -156,6 +179,57 @@ void http_listener_conn_ready(net_conn_t *n)
     }
     if (http_conn_start(c) != 0)
         http_conn_close(c);
+}
+
+/* Counts a device API connection in the limits shared by every worker,
+ * before its TLS handshake. Returns 0 when it goes on, or -1 after
+ * closing it. */
+static int count_api_connection(http_listener_t *l, http_conn_t *c)
+{
+    limits_t *lim = pipeline_limits(pipeline_loop_pipeline(l->pl));
+    char address[64];
+    uint64_t wait_ms;
+    int rc;
+
+    limits_peer_address(c->peer, address, sizeof(address));
+    rc = limits_connection_open(lim,
+                                l->tls != NULL ? LIMITS_LISTENER_HTTPS
+                                               : LIMITS_LISTENER_HTTP,
+                                address, limits_now_ms(), &wait_ms);
+    if (rc == 0) {
+        c->counted = 1;
+        l->served++;
+        return 0;
+    }
+    /* A client over a connection maximum still completes its TLS
+     * handshake, so that it can read the 503 response. */
+    if (rc == ING_EFULL) {
+        c->turned_away = HTTP_TURN_AWAY_FULL;
+        return 0;
+    }
+    pipeline_count_rejected("http", "connection_rate");
+    log_write_limited("http_connection_rate", 5, LOG_LEVEL_WARN,
+                      "connection turned away: connection rate exceeded",
+                      "listener=%s peer=%s", l->name, c->peer);
+    /* Over the rate, a TLS client gets no handshake, which is what a
+     * connection storm costs most. */
+    if (l->tls != NULL) {
+        http_conn_close(c);
+        return -1;
+    }
+    c->turned_away = HTTP_TURN_AWAY_RATE;
+    return 0;
+}
+
+void http_listener_conn_uncount(http_conn_t *c)
+{
+    http_listener_t *l = c->listener;
+
+    l->served--;
+    if (l->kind == HTTP_LISTENER_API)
+        limits_connection_close(
+            pipeline_limits(pipeline_loop_pipeline(l->pl)),
+            l->tls != NULL ? LIMITS_LISTENER_HTTPS : LIMITS_LISTENER_HTTP);
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -186,10 +260,11 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     snprintf(c->peer, sizeof(c->peer), "%s", c->net.peer);
-    /* A client over the limit still completes its TLS handshake, so that
-     * it can read the 503 response. */
-    if (l->served >= l->limits.max_connections) {
-        c->turned_away = 1;
+    if (l->kind == HTTP_LISTENER_API) {
+        if (count_api_connection(l, c) != 0)
+            return;
+    } else if (l->served >= l->limits.max_connections) {
+        c->turned_away = HTTP_TURN_AWAY_FULL;
     } else {
         c->counted = 1;
         l->served++;

@@ -35,7 +35,9 @@ typedef struct tcp_conn {
     uint64_t id;
     int closing;
     int reading;
-    int counted; /* within mqtt.max_connections */
+    int counted; /* within mqtt.max_connections and limits.* */
+    int rate_limited; /* over limits.connection_rate_per_address */
+    enum limits_listener kind;
 } tcp_conn_t;
 
 static atomic_uint_fast64_t next_conn_id = 1;
@@ -121,8 +123,11 @@ static void on_net_closed(net_conn_t *n)
     mqtt_listener_t *l = c->listener;
 
     handshake_done(c);
-    if (c->counted)
+    if (c->counted) {
         l->tcp_connections--;
+        limits_connection_close(pipeline_limits(pipeline_loop_pipeline(l->pl)),
+                                c->kind);
+    }
     if (c->session != NULL)
         mqtt_session_transport_closed(c->session);
     free(c);
@@ -246,6 +251,8 @@ static void on_net_ready(net_conn_t *n)
         close_now(c);
         return;
     }
+    if (c->rate_limited)
+        c->session->connect_reject = MQTT_RC_CONNECTION_RATE_EXCEEDED;
     tcp_resume(c);
 }
 
@@ -255,6 +262,45 @@ static const net_conn_events_t tcp_events = {
     .on_written = on_net_written,
     .on_closed = on_net_closed,
 };
+
+/* Applies the connection limits before any byte is read, so that a
+ * connection storm costs no TLS handshake. A plain connection over the
+ * address's rate still reads its CONNECT, to answer 5.0 clients with
+ * CONNACK 0x9F; a TLS one closes at once. Returns 0 when the connection
+ * goes on, or -1 after closing it. */
+static int count_connection(mqtt_listener_t *l, tcp_conn_t *c,
+                            const char *name)
+{
+    limits_t *lim = pipeline_limits(pipeline_loop_pipeline(l->pl));
+    char address[64];
+    uint64_t wait_ms;
+    int rc;
+
+    c->kind = c->net.tls != NULL ? LIMITS_LISTENER_MQTTS
+                                 : LIMITS_LISTENER_MQTT;
+    limits_peer_address(c->net.peer, address, sizeof(address));
+    rc = limits_connection_open(lim, c->kind, address, limits_now_ms(),
+                                &wait_ms);
+    if (rc == 0) {
+        c->counted = 1;
+        l->tcp_connections++;
+        return 0;
+    }
+    pipeline_count_rejected("mqtt", rc == ING_ERATE ? "connection_rate"
+                                                    : "too_many_connections");
+    log_write_limited("mqtt_connection_limit", 5, LOG_LEVEL_WARN,
+                      "mqtt connection turned away",
+                      "listener=%s peer=%s reason=%s", name, c->net.peer,
+                      rc == ING_ERATE ? "connection_rate"
+                                      : "too_many_connections");
+    if (rc == ING_ERATE && c->net.tls == NULL) {
+        c->rate_limited = 1;
+        return 0;
+    }
+    mqtt_metrics_malformed("too_many_connections");
+    close_now(c);
+    return -1;
+}
 
 static void accept_connection(mqtt_listener_t *l, uv_stream_t *server,
                               tls_server_t *tls)
@@ -275,17 +321,8 @@ static void accept_connection(mqtt_listener_t *l, uv_stream_t *server,
         close_now(c);
         return;
     }
-    if (l->tcp_connections >= l->cfg->mqtt.max_connections) {
-        log_write_limited("mqtt_too_many_connections", 5, LOG_LEVEL_WARN,
-                          "mqtt connection turned away",
-                          "listener=%s peer=%s max=%llu", name, c->net.peer,
-                          (unsigned long long)l->cfg->mqtt.max_connections);
-        mqtt_metrics_malformed("too_many_connections");
-        close_now(c);
+    if (count_connection(l, c, name) != 0)
         return;
-    }
-    c->counted = 1;
-    l->tcp_connections++;
     if (tls != NULL) {
         /* Until the handshake ends the connection has no session, so
          * the listener keeps it in a list of its own to close it when

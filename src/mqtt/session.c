@@ -133,14 +133,26 @@ void mqtt_session_arm_keepalive(mqtt_session_t *s)
     arm_timer(s, s->keepalive_ms > 0 ? s->keepalive_ms : UINT64_MAX);
 }
 
+/* Runs after a held message's wait, or on the loop turn after input was
+ * left unhandled (s->yielded). */
 static void on_retry(uv_timer_t *t)
 {
-    mqtt_session_retry_held(t->data);
+    mqtt_session_t *s = t->data;
+
+    s->yielded = 0;
+    mqtt_session_retry_held(s);
+    if (s->held == NULL)
+        mqtt_session_update(s);
 }
 
 void mqtt_session_arm_retry(mqtt_session_t *s)
 {
     uv_timer_start(&s->retry_timer, on_retry, MQTT_FULL_RETRY_MS, 0);
+}
+
+void mqtt_session_arm_retry_in(mqtt_session_t *s, uint64_t ms)
+{
+    uv_timer_start(&s->retry_timer, on_retry, ms, 0);
 }
 
 mqtt_session_t *mqtt_session_open(mqtt_listener_t *l,
@@ -359,7 +371,8 @@ static int want_reading(const mqtt_session_t *s)
 {
     const config_t *cfg = s->listener->cfg;
 
-    if (s->phase == MQTT_PHASE_CLOSING || s->draining || s->held != NULL)
+    if (s->phase == MQTT_PHASE_CLOSING || s->draining || s->held != NULL ||
+        s->yielded)
         return 0;
     return s->inflight < cfg->mqtt.receive_maximum;
 }
@@ -590,7 +603,7 @@ static int handle_packet(mqtt_session_t *s, const mqtt_frame_t *frame)
 /* Returns 1 while buffered input may be handled. */
 static int can_process(const mqtt_session_t *s)
 {
-    if (s->phase == MQTT_PHASE_CLOSING || s->held != NULL)
+    if (s->phase == MQTT_PHASE_CLOSING || s->held != NULL || s->yielded)
         return 0;
     /* 5.0 clients learn the limit from CONNACK, so a PUBLISH beyond it
      * is handled (and rejected with 0x93). 3.1.1 clients cannot know it
@@ -605,12 +618,19 @@ static void process_input(mqtt_session_t *s)
 {
     const config_t *cfg = s->listener->cfg;
     mqtt_frame_t frame;
+    int handled = 0;
     int n;
 
     if (s->processing)
         return;
     s->processing = 1;
     while (can_process(s) && s->in_off < s->in_len) {
+        if (handled++ == MQTT_PACKETS_PER_TURN) {
+            /* Reading pauses until the next turn handles the rest. */
+            s->yielded = 1;
+            mqtt_session_arm_retry_in(s, 0);
+            break;
+        }
         n = mqtt_frame(s->in + s->in_off, s->in_len - s->in_off,
                        cfg->mqtt.max_packet_size, &frame);
         if (n == MQTT_NEED_MORE)
@@ -636,6 +656,11 @@ static void process_input(mqtt_session_t *s)
             break;
     }
     s->processing = 0;
+    if (s->yielded && !s->paused && s->transport_open &&
+        s->phase != MQTT_PHASE_CLOSING) {
+        s->paused = 1;
+        s->transport.ops->pause(s->transport.ctx);
+    }
 }
 
 /* Makes room for `len` more bytes, moving unhandled bytes to the front. */

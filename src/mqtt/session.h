@@ -25,6 +25,18 @@
 /* Interval of the submit retry while the spool is full. */
 #define MQTT_FULL_RETRY_MS 100
 
+/* Longest wait before a message held by a rate limit or quota is tried
+ * again, so that a raised limit takes effect within this time. */
+#define MQTT_LIMIT_RETRY_MAX_MS 60000
+
+/* Packets handled per turn of the event loop. More input waits for the
+ * next turn, so that one flooding connection cannot keep the loop from
+ * the other connections (see docs/flow-control.md). */
+#define MQTT_PACKETS_PER_TURN 64
+
+/* 5.0 reason code 0x96, Message rate too high. */
+#define MQTT_RC_MESSAGE_RATE_TOO_HIGH 0x96
+
 typedef struct mqtt_state mqtt_state_t;
 
 /* Work that another thread hands to a session through its listener. */
@@ -135,6 +147,9 @@ struct mqtt_session {
     size_t inflight; /* QoS 1 and 2 messages not yet completed */
     mqtt_reply_t *held; /* a message the full spool has not accepted */
     int draining;
+    int yielded;         /* input left for the next loop turn */
+    int device_counted;  /* counted in limits.max_connections_per_device */
+    uint8_t connect_reject; /* 5.0 reason code for the CONNECT, or 0 */
 };
 
 /* ---- listener.c ---- */
@@ -174,6 +189,9 @@ void mqtt_session_arm_keepalive(mqtt_session_t *s);
 
 /* Schedules mqtt_session_retry_held after MQTT_FULL_RETRY_MS. */
 void mqtt_session_arm_retry(mqtt_session_t *s);
+
+/* Schedules mqtt_session_retry_held after `ms` milliseconds. */
+void mqtt_session_arm_retry_in(mqtt_session_t *s, uint64_t ms);
 
 /* Handles mail taken from the listener's queue. */
 void mqtt_session_mail(mqtt_session_t *s, mqtt_mail_t *mail);
@@ -228,6 +246,11 @@ void mqtt_table_detach(mqtt_session_t *s);
  * durable after its connection ended still records its QoS 2 packet id. */
 mqtt_state_t *mqtt_state_ref(mqtt_state_t *st);
 void mqtt_state_unref(mqtt_state_t *st);
+
+/* Returns 1 when a connected session of device `device_id` holds client
+ * id `client_id`, so that a new CONNECT with it takes that session over.
+ * Thread-safe. */
+int mqtt_table_owned(const char *client_id, const char *device_id);
 
 /* Changes the expiry applied when the session disconnects. */
 void mqtt_table_set_expiry(mqtt_state_t *st, uint32_t expiry);

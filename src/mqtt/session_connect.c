@@ -160,6 +160,7 @@ static uint8_t connack_v311(uint8_t reason)
     case MQTT_RC_SERVER_UNAVAILABLE:
     case MQTT_RC_SERVER_BUSY:
     case MQTT_RC_SERVER_SHUTTING_DOWN:
+    case MQTT_RC_QUOTA_EXCEEDED:
         return 0x03;
     case MQTT_RC_NOT_AUTHORIZED:
         return 0x05;
@@ -233,6 +234,40 @@ static int reject_blocked(mqtt_session_t *s, int version)
                       (unsigned long long)s->id, s->peer);
     mqtt_session_close(s);
     return -1;
+}
+
+/* Rejects a CONNECT on a connection that its listener accepted over
+ * limits.connection_rate_per_address: CONNACK 0x9F in 5.0, a close
+ * without CONNACK in 3.1.1, which has no such return code. */
+static int reject_connection_rate(mqtt_session_t *s, int version)
+{
+    if (version == MQTT_V5)
+        return reject(s, version, s->connect_reject, "connection_rate",
+                      "connection_rate_exceeded: too many new connections "
+                      "from this address; retry later");
+    mqtt_metrics_auth_failure("connection_rate");
+    mqtt_session_close(s);
+    return -1;
+}
+
+/* Counts the session against limits.max_connections_per_device. A CONNECT
+ * that takes over the device's session with the same client id always
+ * passes, as the MQTT specification requires; it is counted anyway, and
+ * the count drops when the old session ends. Returns 0 or ING_EQUOTA. */
+static int count_device_connection(mqtt_session_t *s)
+{
+    pipeline_t *p = pipeline_loop_pipeline(s->listener->pl);
+
+    if (pipeline_config(p)->limits.max_connections_per_device == 0)
+        return 0;
+    if (pipeline_device_connect(p, &s->device) != 0) {
+        if (!mqtt_table_owned(s->client_id, s->device.id))
+            return ING_EQUOTA;
+        limits_device_connect(pipeline_limits(p), s->device.id, UINT64_MAX,
+                              limits_now_ms());
+    }
+    s->device_counted = 1;
+    return 0;
 }
 
 /* Rejects a CONNECT that failed to decode. */
@@ -384,6 +419,8 @@ int mqtt_session_on_connect(mqtt_session_t *s, const mqtt_frame_t *frame)
     if (s->draining || s->listener->draining)
         return reject(s, c.version, MQTT_RC_SERVER_SHUTTING_DOWN,
                       "shutting_down", "server shutting down");
+    if (s->connect_reject != 0)
+        return reject_connection_rate(s, c.version);
     if (auth_guard_check_peer(s->listener->auth, s->peer) > 0)
         return reject_blocked(s, c.version);
     if (authenticate(s, &c, &auth) != AUTH_STEP_ACCEPT) {
@@ -400,6 +437,11 @@ int mqtt_session_on_connect(mqtt_session_t *s, const mqtt_frame_t *frame)
     }
     s->device = auth.dev;
     s->auth_expires_at = auth.expires_at;
+    if (count_device_connection(s) != 0)
+        return reject(s, c.version, MQTT_RC_QUOTA_EXCEEDED,
+                      "device_connection_limit",
+                      "too many connections of this device; close one or "
+                      "reuse its client identifier");
     expiry = granted_expiry(s, &c, &capped);
     rc = mqtt_table_attach(s, c.clean_start || assigned, expiry, &s->state,
                            &present);

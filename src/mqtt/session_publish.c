@@ -121,6 +121,8 @@ static const char *qos_result_reason(uint8_t reason)
         return "invalid";
     case MQTT_RC_QUOTA_EXCEEDED:
         return "quota_exceeded";
+    case MQTT_RC_MESSAGE_RATE_TOO_HIGH:
+        return "rate_limited";
     default:
         return "failed";
     }
@@ -237,21 +239,68 @@ static void first_error(json_t *errors, char *why, size_t size)
 
 static void on_done(pipeline_batch_t *b, int status, void *arg);
 
+/* Holds a message that flow control turned away with `rc` and pauses
+ * reading until the retry: MQTT_FULL_RETRY_MS for a congested spool, the
+ * time until the device's tokens suffice for a rate limit or quota. */
+static void hold_message(mqtt_session_t *s, mqtt_reply_t *r, int rc)
+{
+    uint64_t wait_ms = pipeline_batch_retry_after_ms(r->batch);
+
+    if (s->held == NULL)
+        log_write_limited("mqtt_hold", 5, LOG_LEVEL_WARN,
+                          "holding an mqtt message and pausing the "
+                          "connection",
+                          "conn=%llu client=%s device=%s error=\"%s\" "
+                          "retry_ms=%llu",
+                          (unsigned long long)s->id, s->client_id,
+                          s->device.id, ing_strerror(rc),
+                          (unsigned long long)(rc == ING_EFULL
+                                                   ? MQTT_FULL_RETRY_MS
+                                                   : wait_ms));
+    s->held = r;
+    if (rc == ING_EFULL)
+        mqtt_session_arm_retry(s);
+    else
+        mqtt_session_arm_retry_in(s, wait_ms < MQTT_LIMIT_RETRY_MAX_MS
+                                         ? wait_ms
+                                         : MQTT_LIMIT_RETRY_MAX_MS);
+    mqtt_session_update(s);
+}
+
+/* Returns the 5.0 reason code and reason string of a submit failure. */
+static uint8_t failure_reason(int rc, const char **why)
+{
+    switch (rc) {
+    case ING_EFULL:
+        *why = "spool full; retry later";
+        return MQTT_RC_QUOTA_EXCEEDED;
+    case ING_ERATE:
+        *why = "rate_limited: the device sends faster than its limit; "
+               "retry later";
+        return MQTT_RC_MESSAGE_RATE_TOO_HIGH;
+    case ING_EQUOTA:
+        *why = "quota_exceeded: the device's daily quota is used up until "
+               "midnight UTC";
+        return MQTT_RC_QUOTA_EXCEEDED;
+    case ING_ETOOBIG:
+        *why = ing_strerror(rc);
+        return MQTT_RC_IMPLEMENTATION_SPECIFIC;
+    default:
+        *why = ing_strerror(rc);
+        return MQTT_RC_UNSPECIFIED;
+    }
+}
+
 /* Handles a submit that the pipeline did not take. Returns 0 to go on
  * with the next packet, or -1. */
 static int submit_failed(mqtt_session_t *s, mqtt_reply_t *r, int rc)
 {
-    if (rc == ING_EFULL && !(s->version == MQTT_V5 && r->qos > 0)) {
-        if (s->held == NULL)
-            log_write_limited("mqtt_spool_full", 5, LOG_LEVEL_WARN,
-                              "spool full: holding an mqtt message and "
-                              "pausing the connection",
-                              "conn=%llu client=%s device=%s",
-                              (unsigned long long)s->id, s->client_id,
-                              s->device.id);
-        s->held = r;
-        mqtt_session_arm_retry(s);
-        mqtt_session_update(s);
+    const char *why;
+    uint8_t reason = failure_reason(rc, &why);
+
+    if ((rc == ING_EFULL || rc == ING_ERATE || rc == ING_EQUOTA) &&
+        !(s->version == MQTT_V5 && r->qos > 0)) {
+        hold_message(s, r, rc);
         return -1;
     }
     if (s->held == r)
@@ -260,15 +309,9 @@ static int submit_failed(mqtt_session_t *s, mqtt_reply_t *r, int rc)
     r->batch = NULL;
     if (r->qos > 0)
         s->inflight--;
-    mqtt_metrics_message(r->qos, rc == ING_EFULL ? "quota_exceeded"
-                                                 : "failed");
+    mqtt_metrics_message(r->qos, qos_result_reason(reason));
     if (s->version == MQTT_V5 && r->qos > 0) {
-        encode_reply(s, r,
-                     rc == ING_EFULL    ? MQTT_RC_QUOTA_EXCEEDED
-                     : rc == ING_ETOOBIG ? MQTT_RC_IMPLEMENTATION_SPECIFIC
-                                         : MQTT_RC_UNSPECIFIED,
-                     rc == ING_EFULL ? "spool full; retry later"
-                                     : ing_strerror(rc));
+        encode_reply(s, r, reason, why);
     } else {
         r->ready = 1;
         r->close_after = r->qos > 0 || s->version != MQTT_V5;
@@ -561,6 +604,10 @@ static int store_message(mqtt_session_t *s, const mqtt_publish_t *p,
     r->batch = b;
     r->qos = p->qos;
     r->packet_id = p->packet_id;
+    /* Only 5.0 QoS 1 and 2 messages can be told to retry, so every other
+     * message is held and submitted again (hold_message). */
+    if (!(s->version == MQTT_V5 && p->qos > 0))
+        pipeline_batch_set_retrying(b);
     if (p->qos > 0 && s->state != NULL)
         r->state = mqtt_state_ref(s->state);
     if (p->qos > 0)

@@ -202,10 +202,30 @@ done:
     return rc;
 }
 
+int mqtt_table_owned(const char *client_id, const char *device_id)
+{
+    mqtt_state_t *st;
+    int owned;
+
+    pthread_mutex_lock(&table_lock);
+    st = find_state(client_id);
+    owned = st != NULL && st->owner != NULL &&
+            strcmp(st->device_id, device_id) == 0;
+    pthread_mutex_unlock(&table_lock);
+    return owned;
+}
+
 void mqtt_table_detach(mqtt_session_t *s)
 {
     mqtt_state_t *st = s->state;
 
+    /* Every session that counted against its device's connection limit
+     * passes here once, whether it attached a state or not. */
+    if (s->device_counted) {
+        s->device_counted = 0;
+        pipeline_device_disconnect(pipeline_loop_pipeline(s->listener->pl),
+                                   &s->device);
+    }
     if (st == NULL)
         return;
     s->state = NULL;

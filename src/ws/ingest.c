@@ -60,6 +60,8 @@ struct session {
     size_t pending; /* batch completions outstanding, also after close */
     uint64_t conn_id;
     char peer[64];
+    int limit_paused;   /* reading paused until the session timer fires */
+    int device_counted; /* counted in limits.max_connections_per_device */
 };
 
 static const char *device_of(const session_t *s)
@@ -130,12 +132,58 @@ static void session_maybe_free(session_t *s)
 }
 
 static void on_batch_done(pipeline_batch_t *b, int status, void *arg);
+static void arm_expiry(session_t *s);
+
+/* Stops reading for `wait_ms` after flow control turned a message away,
+ * so that the client waits instead of sending more. The session timer
+ * ends the pause, unless the JWT expires first. */
+static void pause_for(session_t *s, uint64_t wait_ms)
+{
+    int64_t left_s = s->expires_at - (int64_t)time(NULL);
+
+    if (wait_ms == 0)
+        wait_ms = 1;
+    if (s->expires_at != 0 && left_s >= 0 &&
+        (uint64_t)left_s * 1000 < wait_ms)
+        wait_ms = left_s > 0 ? (uint64_t)left_s * 1000 : 1;
+    s->limit_paused = 1;
+    ws_conn_pause(s->ws, 1);
+    ws_conn_set_timeout(s->ws, wait_ms);
+}
+
+/* Returns the error reply to a message over the device's rate limit
+ * (ING_ERATE) or daily quota (ING_EQUOTA), with "retry_after" in whole
+ * seconds, or NULL on allocation failure. */
+static json_t *limited_reply(const json_t *id, int status, uint64_t wait_ms)
+{
+    json_t *reply =
+        status == ING_ERATE
+            ? ws_reply_error(id, "rate_limited",
+                             "the device sends faster than its rate limit; "
+                             "the readings were not stored, resend them "
+                             "after retry_after seconds")
+            : ws_reply_error(id, "quota_exceeded",
+                             "the device used up its daily quota of "
+                             "readings; the readings were not stored, "
+                             "resend them after retry_after seconds "
+                             "(midnight UTC)");
+
+    if (reply != NULL &&
+        json_object_set_new(reply, "retry_after",
+                            json_integer((json_int_t)((wait_ms + 999) /
+                                                      1000))) != 0) {
+        json_decref(reply);
+        return NULL;
+    }
+    return reply;
+}
 
 /* Parses and submits one message, or stores its error reply. */
 static void msg_start(session_t *s, msg_t *m, const char *text, size_t len)
 {
     ws_parsed_t p;
     json_t *reply;
+    uint64_t wait_ms;
     int fatal = 0;
     int rc;
 
@@ -158,10 +206,19 @@ static void msg_start(session_t *s, msg_t *m, const char *text, size_t len)
         s->pending++;
         return;
     }
+    wait_ms = pipeline_batch_retry_after_ms(m->batch);
     pipeline_batch_free(m->batch);
     m->batch = NULL;
     ws_metrics_message(WS_MESSAGE_ERROR);
-    reply = ws_reply_failed(m->id, rc, s->cfg.retry_after_s, &fatal);
+    if (rc == ING_ERATE || rc == ING_EQUOTA) {
+        reply = limited_reply(m->id, rc, wait_ms);
+        fatal = reply == NULL;
+        pause_for(s, wait_ms);
+    } else {
+        reply = ws_reply_failed(m->id, rc, s->cfg.retry_after_s, &fatal);
+        if (rc == ING_EFULL)
+            pause_for(s, s->cfg.retry_after_s * 1000);
+    }
     log_reject(s, error_code(reply));
     msg_done(m, reply, fatal);
 }
@@ -216,7 +273,7 @@ static void send_ready(session_t *s)
             close_session(s, WS_CLOSE_GOING_AWAY, "server shutting down");
         return;
     }
-    if (s->queued < MAX_IN_FLIGHT)
+    if (s->queued < MAX_IN_FLIGHT && !s->limit_paused)
         ws_conn_pause(s->ws, 0);
 }
 
@@ -251,6 +308,27 @@ static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
 }
 
 /* ---- Authentication by the first message ---- */
+
+/* Counts the authenticated session against
+ * limits.max_connections_per_device. Returns 1, or 0 after closing the
+ * connection with 1008. */
+static int count_device(session_t *s)
+{
+    pipeline_t *p = pipeline_loop_pipeline(s->cfg.pl);
+
+    if (s->device_counted)
+        return 1;
+    if (pipeline_device_connect(p, &s->dev) != 0) {
+        pipeline_count_rejected("ws", "device_connection_limit");
+        s->closing = 1;
+        ws_conn_close(s->ws, WS_CLOSE_POLICY_VIOLATION,
+                      "too many connections of this device");
+        return 0;
+    }
+    s->device_counted = pipeline_config(p)->limits.max_connections_per_device >
+                        0;
+    return 1;
+}
 
 static void reject_auth(session_t *s, const char *reason)
 {
@@ -378,7 +456,8 @@ static void authenticate(session_t *s, const char *text, size_t len)
                        "upgrade request sent an API key header");
         goto done;
     }
-    if (!check_credential(s, json_string_value(key), json_string_length(key)))
+    if (!check_credential(s, json_string_value(key), json_string_length(key)) ||
+        !count_device(s))
         goto done;
     s->authenticated = 1;
     ws_conn_set_timeout(s->ws, 0);
@@ -495,6 +574,14 @@ static void on_timeout(ws_conn_t *ws, void *arg)
     (void)ws;
     if (s->closing)
         return;
+    if (s->limit_paused &&
+        (s->expires_at == 0 || (int64_t)time(NULL) < s->expires_at)) {
+        s->limit_paused = 0;
+        ws_conn_set_timeout(s->ws, 0);
+        arm_expiry(s);
+        send_ready(s);
+        return;
+    }
     if (!s->authenticated)
         reject_auth(s, "authentication timed out; send "
                        "{\"type\":\"auth\",\"key\":\"...\"} first");
@@ -523,6 +610,9 @@ static void on_close(ws_conn_t *ws, uint16_t code, void *arg)
     }
     s->head = s->tail = NULL;
     s->ws = NULL;
+    if (s->device_counted)
+        pipeline_device_disconnect(pipeline_loop_pipeline(s->cfg.pl),
+                                   &s->dev);
     session_maybe_free(s);
 }
 
@@ -552,7 +642,8 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
     /* The HTTP module checked a header key already, but the registry may
      * have changed since, and then the connection closes with 1008. */
     if (key != NULL) {
-        s->authenticated = check_credential(s, key, strlen(key));
+        s->authenticated = check_credential(s, key, strlen(key)) &&
+                           count_device(s);
         if (s->authenticated)
             arm_expiry(s);
     } else if (stream->cert != NULL) {
@@ -560,7 +651,7 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
          * no auth message follows. */
         s->cert = *stream->cert;
         s->has_cert = 1;
-        s->authenticated = check_certificate(s);
+        s->authenticated = check_certificate(s) && count_device(s);
     } else {
         ws_conn_set_timeout(s->ws, cfg->auth_timeout_ms);
     }
