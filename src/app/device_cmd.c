@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "app/device_sync.h"
 #include "auth/auth.h"
 #include "core/config.h"
 #include "core/errors.h"
@@ -485,6 +486,8 @@ static int device_show(registry_t *reg, const char *id)
 /* getopt_long values of the options without a short form. */
 #define CLEAR_OPTION 1000
 #define LIMIT_OPTION 1001
+#define INCLUDE_SECRETS_OPTION 1010
+#define REPLACE_OPTION 1011
 
 static void device_usage(FILE *f)
 {
@@ -505,7 +508,10 @@ static void device_usage(FILE *f)
             "       ingestd device set-limits ID [--readings-per-second N] "
             "[--burst N]\n"
             "           [--bytes-per-second SIZE] [--daily-readings N] "
-            "[--clear] -c FILE\n");
+            "[--clear] -c FILE\n"
+            "       ingestd device export [--include-secrets] -c FILE "
+            "> devices.jsonl\n"
+            "       ingestd device import [--replace] FILE|- -c FILE\n");
 }
 
 int app_device(const char *config_path, int argc, char **argv)
@@ -525,12 +531,15 @@ int app_device(const char *config_path, int argc, char **argv)
         {"daily-readings", required_argument, NULL,
          LIMIT_OPTION + AUTH_LIMIT_DAILY_READINGS},
         {"clear", no_argument, NULL, CLEAR_OPTION},
+        {"include-secrets", no_argument, NULL, INCLUDE_SECRETS_OPTION},
+        {"replace", no_argument, NULL, REPLACE_OPTION},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *type = NULL, *grace = NULL, *sub, *id = NULL;
     const char *fingerprint = NULL, *cert = NULL, *alg = NULL, *key = NULL;
     limit_args_t limit_args = {0};
+    int include_secrets = 0, replace = 0;
     char err[1024];
     config_t *cfg = NULL;
     registry_t *reg = NULL;
@@ -565,6 +574,12 @@ int app_device(const char *config_path, int argc, char **argv)
         case CLEAR_OPTION:
             limit_args.clear = 1;
             break;
+        case INCLUDE_SECRETS_OPTION:
+            include_secrets = 1;
+            break;
+        case REPLACE_OPTION:
+            replace = 1;
+            break;
         case LIMIT_OPTION + AUTH_LIMIT_READINGS_PER_SECOND:
         case LIMIT_OPTION + AUTH_LIMIT_BURST:
         case LIMIT_OPTION + AUTH_LIMIT_BYTES_PER_SECOND:
@@ -585,7 +600,27 @@ int app_device(const char *config_path, int argc, char **argv)
         fprintf(stderr, "ingestd: unexpected argument \"%s\"\n", argv[optind]);
         return 2;
     }
-    if (strcmp(sub, "list") != 0 && id == NULL) {
+    if (include_secrets && strcmp(sub, "export") != 0) {
+        fprintf(stderr, "ingestd: --include-secrets applies only to device "
+                        "export\n");
+        return 2;
+    }
+    if (replace && strcmp(sub, "import") != 0) {
+        fprintf(stderr, "ingestd: --replace applies only to device import\n");
+        return 2;
+    }
+    if (strcmp(sub, "import") == 0 && id == NULL) {
+        fprintf(stderr, "ingestd: device import needs a FILE, or - for "
+                        "standard input\n");
+        device_usage(stderr);
+        return 2;
+    }
+    if (strcmp(sub, "export") == 0 && id != NULL) {
+        fprintf(stderr, "ingestd: unexpected argument \"%s\"\n", id);
+        return 2;
+    }
+    if (strcmp(sub, "list") != 0 && strcmp(sub, "export") != 0 &&
+        id == NULL) {
         fprintf(stderr, "ingestd: device %s needs a device id\n", sub);
         device_usage(stderr);
         return 2;
@@ -625,6 +660,10 @@ int app_device(const char *config_path, int argc, char **argv)
         rc = device_clear_jwt(reg, id);
     } else if (strcmp(sub, "set-limits") == 0) {
         rc = device_set_limits(reg, id, &limit_args);
+    } else if (strcmp(sub, "export") == 0) {
+        rc = device_export(reg, include_secrets);
+    } else if (strcmp(sub, "import") == 0) {
+        rc = device_import(cfg, reg, id, replace);
     } else {
         fprintf(stderr, "ingestd: unknown device command \"%s\"\n", sub);
         device_usage(stderr);

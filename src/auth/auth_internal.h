@@ -53,6 +53,13 @@ struct snapshot_device {
     "limit_readings_per_second, limit_burst, limit_bytes_per_second,"          \
     " limit_daily_readings"
 
+/* A writable registry connection, shared by registry.c and the export and
+ * import in registry_io.c. */
+struct registry {
+    sqlite3 *db;
+    char *path;
+};
+
 /* Reads AUTH_LIMIT_COLUMNS from `stmt` starting at column `first`. */
 void auth_limits_read(sqlite3_stmt *stmt, int first, auth_limits_t *out);
 

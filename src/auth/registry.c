@@ -17,11 +17,6 @@
 _Static_assert((AUTH_JWT_SECRET_LEN * 4 + 2) / 3 == AUTH_JWT_SECRET_TEXT_LEN,
                "AUTH_JWT_SECRET_TEXT_LEN must match the encoded secret");
 
-struct registry {
-    sqlite3 *db;
-    char *path;
-};
-
 /* Logs the last SQLite error of `r` and returns ING_EDB. */
 static int query_failed(registry_t *r, const char *query)
 {
