@@ -34,9 +34,6 @@
  * the other connections (see docs/flow-control.md). */
 #define MQTT_PACKETS_PER_TURN 64
 
-/* 5.0 reason code 0x96, Message rate too high. */
-#define MQTT_RC_MESSAGE_RATE_TOO_HIGH 0x96
-
 typedef struct mqtt_state mqtt_state_t;
 
 /* Work that another thread hands to a session through its listener. */

@@ -121,8 +121,6 @@ static const char *qos_result_reason(uint8_t reason)
         return "invalid";
     case MQTT_RC_QUOTA_EXCEEDED:
         return "quota_exceeded";
-    case MQTT_RC_MESSAGE_RATE_TOO_HIGH:
-        return "rate_limited";
     default:
         return "failed";
     }
@@ -275,9 +273,12 @@ static uint8_t failure_reason(int rc, const char **why)
         *why = "spool full; retry later";
         return MQTT_RC_QUOTA_EXCEEDED;
     case ING_ERATE:
+        /* 0x96 (Message rate too high) is valid in DISCONNECT only; MQTT
+         * 5.0 section 3.4.2.1 allows 0x97 in PUBACK and PUBREC, so the
+         * reason string tells a rate limit from the quota. */
         *why = "rate_limited: the device sends faster than its limit; "
                "retry later";
-        return MQTT_RC_MESSAGE_RATE_TOO_HIGH;
+        return MQTT_RC_QUOTA_EXCEEDED;
     case ING_EQUOTA:
         *why = "quota_exceeded: the device's daily quota is used up until "
                "midnight UTC";
@@ -309,7 +310,8 @@ static int submit_failed(mqtt_session_t *s, mqtt_reply_t *r, int rc)
     r->batch = NULL;
     if (r->qos > 0)
         s->inflight--;
-    mqtt_metrics_message(r->qos, qos_result_reason(reason));
+    mqtt_metrics_message(r->qos, rc == ING_ERATE ? "rate_limited"
+                                                 : qos_result_reason(reason));
     if (s->version == MQTT_V5 && r->qos > 0) {
         encode_reply(s, r, reason, why);
     } else {

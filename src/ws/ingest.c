@@ -62,6 +62,7 @@ struct session {
     char peer[64];
     int limit_paused;   /* reading paused until the session timer fires */
     int device_counted; /* counted in limits.max_connections_per_device */
+    int over_device_limit; /* to close with 1008 when the timer fires */
 };
 
 static const char *device_of(const session_t *s)
@@ -229,7 +230,8 @@ static int start_parked(session_t *s)
 {
     msg_t *m = s->head;
 
-    if (s->parked == 0 || s->queued - s->parked >= MAX_IN_FLIGHT)
+    if (s->parked == 0 || s->limit_paused ||
+        s->queued - s->parked >= MAX_IN_FLIGHT)
         return 0;
     while (m->state != MSG_PARKED)
         m = m->next;
@@ -309,10 +311,14 @@ static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
 
 /* ---- Authentication by the first message ---- */
 
+#define DEVICE_LIMIT_REASON "too many connections of this device"
+
 /* Counts the authenticated session against
- * limits.max_connections_per_device. Returns 1, or 0 after closing the
- * connection with 1008. */
-static int count_device(session_t *s)
+ * limits.max_connections_per_device. Returns 1, or 0 when the device has
+ * as many sessions as allowed: then the connection closes with 1008, at
+ * once or, while ws_ingest_open runs and nothing can be sent yet, when
+ * the session timer fires. */
+static int count_device(session_t *s, int opening)
 {
     pipeline_t *p = pipeline_loop_pipeline(s->cfg.pl);
 
@@ -320,9 +326,13 @@ static int count_device(session_t *s)
         return 1;
     if (pipeline_device_connect(p, &s->dev) != 0) {
         pipeline_count_rejected("ws", "device_connection_limit");
+        if (opening) {
+            s->over_device_limit = 1;
+            ws_conn_set_timeout(s->ws, 1);
+            return 0;
+        }
         s->closing = 1;
-        ws_conn_close(s->ws, WS_CLOSE_POLICY_VIOLATION,
-                      "too many connections of this device");
+        ws_conn_close(s->ws, WS_CLOSE_POLICY_VIOLATION, DEVICE_LIMIT_REASON);
         return 0;
     }
     s->device_counted = pipeline_config(p)->limits.max_connections_per_device >
@@ -457,7 +467,7 @@ static void authenticate(session_t *s, const char *text, size_t len)
         goto done;
     }
     if (!check_credential(s, json_string_value(key), json_string_length(key)) ||
-        !count_device(s))
+        !count_device(s, 0))
         goto done;
     s->authenticated = 1;
     ws_conn_set_timeout(s->ws, 0);
@@ -507,7 +517,7 @@ static void on_text(ws_conn_t *ws, const char *text, size_t len, void *arg)
         return;
     /* Messages start in arrival order, so a message waits when an
      * earlier one is parked. */
-    if (s->parked > 0 || s->queued >= MAX_IN_FLIGHT) {
+    if (s->parked > 0 || s->queued >= MAX_IN_FLIGHT || s->limit_paused) {
         park(s, text, len);
     } else if ((m = msg_append(s)) == NULL) {
         close_session(s, WS_CLOSE_INTERNAL_ERROR, "out of memory");
@@ -574,6 +584,10 @@ static void on_timeout(ws_conn_t *ws, void *arg)
     (void)ws;
     if (s->closing)
         return;
+    if (s->over_device_limit) {
+        close_session(s, WS_CLOSE_POLICY_VIOLATION, DEVICE_LIMIT_REASON);
+        return;
+    }
     if (s->limit_paused &&
         (s->expires_at == 0 || (int64_t)time(NULL) < s->expires_at)) {
         s->limit_paused = 0;
@@ -643,7 +657,7 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
      * have changed since, and then the connection closes with 1008. */
     if (key != NULL) {
         s->authenticated = check_credential(s, key, strlen(key)) &&
-                           count_device(s);
+                           count_device(s, 1);
         if (s->authenticated)
             arm_expiry(s);
     } else if (stream->cert != NULL) {
@@ -651,7 +665,7 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
          * no auth message follows. */
         s->cert = *stream->cert;
         s->has_cert = 1;
-        s->authenticated = check_certificate(s) && count_device(s);
+        s->authenticated = check_certificate(s) && count_device(s, 1);
     } else {
         ws_conn_set_timeout(s->ws, cfg->auth_timeout_ms);
     }
