@@ -11,6 +11,7 @@
 #include "bridge/bridge_internal.h"
 #include "core/errors.h"
 #include "core/log.h"
+#include "pipeline/rawjson.h"
 
 /* Bounds of the wait before storing a message again after the spool
  * rejected it (full, failed write, allocation failure). */
@@ -195,17 +196,37 @@ static int fill_batch(bridge_t *b, bridge_job_t *job, pipeline_batch_t *batch,
                       json_t *doc)
 {
     size_t count = json_is_array(doc) ? json_array_size(doc) : 1;
-    size_t forbidden, invalid;
+    size_t forbidden, invalid, found = 0;
+    rawjson_span_t *spans;
     char message[160];
     json_t *errors;
     int result;
 
+    /* Each reading is stored as its text in the payload, so that numbers
+     * keep the form the device sent. */
+    spans = malloc(count * sizeof(*spans));
+    if (spans == NULL)
+        return ING_ENOMEM;
+    spans[0] = (rawjson_span_t){0, job->len};
+    if (json_is_array(doc) &&
+        (rawjson_array_elements(job->payload, job->len, spans, count,
+                                &found) != 0 ||
+         found != count)) {
+        /* jansson accepted the payload, so this cannot happen. */
+        free(spans);
+        return ING_ENOMEM;
+    }
     for (size_t i = 0; i < count; i++) {
         json_t *reading = json_is_array(doc) ? json_array_get(doc, i) : doc;
 
-        if (pipeline_batch_add(batch, reading) < 0)
+        if (pipeline_batch_add_raw(batch, reading,
+                                   job->payload + spans[i].off,
+                                   spans[i].len) < 0) {
+            free(spans);
             return ING_ENOMEM;
+        }
     }
+    free(spans);
     forbidden = pipeline_batch_forbidden(batch);
     invalid = pipeline_batch_invalid(batch);
     if (forbidden == 0 && invalid == 0)

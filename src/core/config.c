@@ -161,6 +161,8 @@ static const directive_t directives[] = {
      CFG(limits.connection_burst_per_address), 0, 1000000, "0", NULL, 0},
     {"limits.table_size", TYPE_INT, CFG(limits.table_size), 64, 100000000,
      "1000000", NULL, 0},
+    {"limits.max_json_depth", TYPE_INT, CFG(limits.max_json_depth), 1, 1000,
+     "32", NULL, 0},
     {"admin.listen", TYPE_LISTEN, CFG(admin.listen), 0, 0, "127.0.0.1:9100",
      NULL, FLAG_EMPTY_DISABLES},
     {"ws.max_message_size", TYPE_SIZE, CFG(ws.max_message_size), KIB, GIB,

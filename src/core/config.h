@@ -248,6 +248,10 @@ typedef struct config {
         uint64_t connection_rate_per_address; /* new per second */
         uint64_t connection_burst_per_address; /* 0 = the rate */
         uint64_t table_size; /* devices and addresses tracked, each */
+        /* Arrays and objects nested in one reading, the reading's own
+         * object counting as 1. Not a connection limit, but consumers
+         * such as Python's json module fail on deep nesting. */
+        uint64_t max_json_depth;
     } limits;
 
     /* Idempotent ingest: repeats of a key are answered with the original

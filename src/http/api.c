@@ -14,6 +14,11 @@
 
 #include "core/errors.h"
 #include "http/http_internal.h"
+#include "pipeline/rawjson.h"
+
+/* Duplicate keys are rejected because readers disagree on which one
+ * counts: {"device_id":"other","device_id":"me"} must not pass as "me". */
+#define READING_PARSE_FLAGS JSON_REJECT_DUPLICATES
 
 static void retry_after_header(const http_listener_t *l, char *buf,
                                size_t size)
@@ -207,17 +212,38 @@ static pipeline_batch_t *new_batch(http_conn_t *c, http_request_t *r)
     return b;
 }
 
-/* Adds one parsed value, which must be an object. Returns 0 or
- * ING_ENOMEM. */
+/* Adds one parsed value, which must be an object, with `raw`, the JSON
+ * text it was parsed from. Returns 0 or ING_ENOMEM. */
 static int add_value(http_request_t *r, pipeline_batch_t *b,
-                     const json_t *value)
+                     const json_t *value, const char *raw, size_t raw_len)
 {
     if (!json_is_object(value)) {
         pipeline_batch_add_unparsable(b, "must be an object");
         r->unparsable++;
         return 0;
     }
-    return pipeline_batch_add(b, value) < 0 ? ING_ENOMEM : 0;
+    return pipeline_batch_add_raw(b, value, raw, raw_len) < 0 ? ING_ENOMEM
+                                                              : 0;
+}
+
+/* Finds the text of each of the `n` elements of the array in the body, so
+ * that each reading is stored as sent. Returns a malloc'd array, or NULL
+ * after responding. */
+static rawjson_span_t *split_array(http_conn_t *c, http_request_t *r,
+                                   size_t n)
+{
+    rawjson_span_t *spans = malloc(n * sizeof(*spans));
+    size_t found = 0;
+
+    if (spans != NULL &&
+        rawjson_array_elements(r->body, r->body_len, spans, n, &found) == 0 &&
+        found == n)
+        return spans;
+    /* jansson accepted the body, so only memory can be missing here. */
+    free(spans);
+    http_conn_error(c, 500, "out_of_memory",
+                    "the server ran out of memory; retry later", NULL);
+    return NULL;
 }
 
 /* Parses an application/json body. Returns the filled batch, or NULL
@@ -225,8 +251,10 @@ static int add_value(http_request_t *r, pipeline_batch_t *b,
 static pipeline_batch_t *add_json(http_conn_t *c, http_request_t *r)
 {
     json_error_t error;
-    json_t *root = json_loadb(r->body, r->body_len, 0, &error);
+    json_t *root = json_loadb(r->body, r->body_len, READING_PARSE_FLAGS,
+                              &error);
     pipeline_batch_t *b = NULL;
+    rawjson_span_t *spans = NULL;
     char message[256];
     size_t n;
 
@@ -240,9 +268,17 @@ static pipeline_batch_t *add_json(http_conn_t *c, http_request_t *r)
     n = json_is_array(root) ? json_array_size(root) : 1;
     if (!count_ok(c, n) || (b = new_batch(c, r)) == NULL)
         goto done;
+    if (json_is_array(root) && (spans = split_array(c, r, n)) == NULL) {
+        pipeline_batch_free(b);
+        b = NULL;
+        goto done;
+    }
     for (size_t i = 0; i < n; i++) {
         const json_t *v = json_is_array(root) ? json_array_get(root, i) : root;
-        if (add_value(r, b, v) != 0) {
+        const char *raw = spans ? r->body + spans[i].off : r->body;
+        size_t raw_len = spans ? spans[i].len : r->body_len;
+
+        if (add_value(r, b, v, raw, raw_len) != 0) {
             pipeline_batch_free(b);
             b = NULL;
             http_conn_error(c, 500, "out_of_memory",
@@ -252,6 +288,7 @@ static pipeline_batch_t *add_json(http_conn_t *c, http_request_t *r)
         }
     }
 done:
+    free(spans);
     json_decref(root);
     return b;
 }
@@ -262,7 +299,7 @@ static int add_line(http_request_t *r, pipeline_batch_t *b, const char *line,
                     size_t len)
 {
     json_error_t error;
-    json_t *value = json_loadb(line, len, 0, &error);
+    json_t *value = json_loadb(line, len, READING_PARSE_FLAGS, &error);
     char reason[256];
     int rc;
 
@@ -273,7 +310,7 @@ static int add_line(http_request_t *r, pipeline_batch_t *b, const char *line,
         r->unparsable++;
         return 0;
     }
-    rc = add_value(r, b, value);
+    rc = add_value(r, b, value, line, len);
     json_decref(value);
     return rc;
 }

@@ -22,6 +22,7 @@
 #include "core/errors.h"
 #include "core/log.h"
 #include "mqtt/session.h"
+#include "pipeline/rawjson.h"
 
 #define ACK_CAP 1024
 #define REASON_MAX 256
@@ -524,6 +525,39 @@ static int set_idempotency_key(const mqtt_session_t *s,
     return 0;
 }
 
+/* Adds the readings of `doc` with their texts from the payload, so that
+ * each is stored as the device sent it. Returns 0, ING_ENOMEM, or
+ * ING_EINVAL when the payload's text cannot be split, which cannot happen
+ * for a payload that jansson accepted. */
+static int add_readings(pipeline_batch_t *b, const mqtt_publish_t *p,
+                        const json_t *doc)
+{
+    const char *text = (const char *)p->payload.data;
+    size_t n = json_array_size(doc), found = 0;
+    rawjson_span_t *spans;
+    int rc = 0;
+
+    if (!json_is_array(doc))
+        return pipeline_batch_add_raw(b, doc, text, p->payload.len) < 0
+                   ? ING_ENOMEM
+                   : 0;
+    spans = malloc(n * sizeof(*spans));
+    if (spans == NULL)
+        return ING_ENOMEM;
+    if (rawjson_array_elements(text, p->payload.len, spans, n, &found) != 0 ||
+        found != n) {
+        free(spans);
+        return ING_EINVAL;
+    }
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        if (pipeline_batch_add_raw(b, json_array_get(doc, i),
+                                   text + spans[i].off, spans[i].len) < 0)
+            rc = ING_ENOMEM;
+    }
+    free(spans);
+    return rc;
+}
+
 /* Validates and submits the message. `topic` is NUL-terminated. */
 static int store_message(mqtt_session_t *s, const mqtt_publish_t *p,
                          const char *topic)
@@ -570,14 +604,8 @@ static int store_message(mqtt_session_t *s, const mqtt_publish_t *p,
                                     "bytes without control characters",
                               0);
     }
-    if (json_is_array(doc)) {
-        for (size_t i = 0; i < json_array_size(doc); i++) {
-            if (pipeline_batch_add(b, json_array_get(doc, i)) < 0)
-                goto oom;
-        }
-    } else if (pipeline_batch_add(b, doc) < 0) {
+    if (add_readings(b, p, doc) != 0)
         goto oom;
-    }
     json_decref(doc);
     doc = NULL;
     invalid = pipeline_batch_invalid(b);

@@ -9,6 +9,7 @@
 #include "core/errors.h"
 #include "core/ids.h"
 #include "core/log.h"
+#include "pipeline/rawjson.h"
 #include "pipeline/idempotency_batch.h"
 #include "pipeline/flow.h"
 #include "validate/validate.h"
@@ -51,6 +52,10 @@ struct pipeline_batch {
     json_t *metadata; /* extra envelope fields, or NULL */
     const schema_t *schema;
     char received_at[32];
+    /* The minified JSON text of the reading being added by
+     * pipeline_batch_add_raw, stored in place of its jansson form. */
+    const char *raw_payload;
+    size_t raw_payload_len;
     int64_t received_ms; /* received_at as a number */
     idem_batch_t idem; /* idempotency keys and the reported ids */
 
@@ -315,6 +320,37 @@ static int record_errors(pipeline_batch_t *b, size_t index,
     return json_array_append_new(b->errors, entry) == 0 ? 0 : ING_ENOMEM;
 }
 
+/* Serializes the envelope `env`, which has no "payload" yet, and appends
+ * "payload" with the JSON text `raw`, so that the stored reading keeps the
+ * device's bytes. Returns a malloc'd string and its length, or NULL. */
+static char *dump_with_payload(const json_t *env, const char *raw,
+                               size_t raw_len, size_t *len)
+{
+    static const char member[] = ",\"payload\":";
+    char *head = json_dumps(env, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    size_t head_len, n;
+    char *out;
+
+    if (head == NULL)
+        return NULL;
+    /* The envelope is a non-empty object, so it ends with its '}'. */
+    head_len = strlen(head) - 1;
+    out = malloc(head_len + sizeof(member) - 1 + raw_len + 2);
+    if (out != NULL) {
+        memcpy(out, head, head_len);
+        n = head_len;
+        memcpy(out + n, member, sizeof(member) - 1);
+        n += sizeof(member) - 1;
+        memcpy(out + n, raw, raw_len);
+        n += raw_len;
+        out[n++] = '}';
+        out[n] = '\0';
+        *len = n;
+    }
+    free(head);
+    return out;
+}
+
 static int append_envelope(pipeline_batch_t *b, const json_t *reading,
                            const char *key, size_t key_len)
 {
@@ -344,14 +380,19 @@ static int append_envelope(pipeline_batch_t *b, const json_t *reading,
                             json_string(b->content_type));
     if (b->metadata != NULL)
         json_object_update(env, b->metadata);
-    /* The payload is borrowed; dumping it now means the caller may free
-     * the parsed reading as soon as this returns. */
-    json_object_set(env, "payload", (json_t *)reading);
-    e->json = json_dumps(env, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    if (b->raw_payload != NULL) {
+        e->json = dump_with_payload(env, b->raw_payload, b->raw_payload_len,
+                                    &e->len);
+    } else {
+        /* The payload is borrowed; dumping it now means the caller may
+         * free the parsed reading as soon as this returns. */
+        json_object_set(env, "payload", (json_t *)reading);
+        e->json = json_dumps(env, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        e->len = e->json != NULL ? strlen(e->json) : 0;
+    }
     json_decref(env);
     if (e->json == NULL)
         return ING_ENOMEM;
-    e->len = strlen(e->json);
     b->accepted_count++;
     return idem_batch_push_id(&b->idem, e->id);
 }
@@ -437,6 +478,40 @@ int pipeline_batch_add(pipeline_batch_t *b, const json_t *reading)
     else if (rc == IDEM_ANSWERED)
         rc = 0;
     return rc ? rc : PIPELINE_ACCEPTED;
+}
+
+int pipeline_batch_add_raw(pipeline_batch_t *b, const json_t *reading,
+                           const char *raw, size_t raw_len)
+{
+    uint64_t max_depth = b->pl->pipeline->cfg->limits.max_json_depth;
+    char reason[128];
+    char *minified = malloc(raw_len ? raw_len : 1);
+    size_t len = 0;
+    int rc;
+
+    if (minified == NULL)
+        return ING_ENOMEM;
+    rc = rawjson_minify(raw, raw_len, minified, &len, max_depth);
+    if (rc != 0) {
+        free(minified);
+        if (rc == ING_ETOOBIG)
+            snprintf(reason, sizeof(reason),
+                     "arrays and objects are nested more than %llu levels "
+                     "deep (limits.max_json_depth)",
+                     (unsigned long long)max_depth);
+        else
+            snprintf(reason, sizeof(reason),
+                     "the reading's JSON text could not be scanned");
+        pipeline_batch_add_unparsable(b, reason);
+        return PIPELINE_INVALID;
+    }
+    b->raw_payload = minified;
+    b->raw_payload_len = len;
+    rc = pipeline_batch_add(b, reading);
+    b->raw_payload = NULL;
+    b->raw_payload_len = 0;
+    free(minified);
+    return rc;
 }
 
 void pipeline_batch_add_unparsable(pipeline_batch_t *b, const char *reason)

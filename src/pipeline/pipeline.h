@@ -80,6 +80,15 @@ int pipeline_batch_add(pipeline_batch_t *b, const json_t *reading);
  * that its index and reason appear in the errors. */
 void pipeline_batch_add_unparsable(pipeline_batch_t *b, const char *reason);
 
+/* Adds a reading as pipeline_batch_add does, validating the parsed
+ * `reading` (borrowed), but stores `raw`, the JSON text it was parsed
+ * from, as the envelope's payload: byte for byte apart from whitespace
+ * outside strings, so numbers keep the form the device sent. A reading
+ * nested deeper than limits.max_json_depth is recorded as invalid.
+ * Returns an enum pipeline_add_result, or ING_ENOMEM. */
+int pipeline_batch_add_raw(pipeline_batch_t *b, const json_t *reading,
+                           const char *raw, size_t raw_len);
+
 size_t pipeline_batch_count(const pipeline_batch_t *b);     /* all added */
 size_t pipeline_batch_invalid(const pipeline_batch_t *b);   /* invalid */
 size_t pipeline_batch_forbidden(const pipeline_batch_t *b); /* forbidden */

@@ -7,9 +7,11 @@
  * is stored whole or not at all.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/errors.h"
+#include "pipeline/rawjson.h"
 #include "ws/ws_internal.h"
 
 static json_t *answer_new(const char *type, const json_t *id)
@@ -244,10 +246,39 @@ static int set_idempotency_key(pipeline_batch_t *b, const json_t *key,
                   "255 bytes without control characters");
 }
 
-/* Builds the batch from `items`, under the envelope's idempotency `key`
- * (NULL for none). Returns 0 or ING_ENOMEM. */
+/* Finds the text of each of the `n` items that find_readings returned for
+ * `root`, so that each reading is stored as the device sent it. Returns 0
+ * or ING_EINVAL, which cannot happen for text that jansson accepted. */
+static int find_item_texts(const char *text, size_t len, const json_t *root,
+                           size_t n, rawjson_span_t *spans)
+{
+    rawjson_span_t list = {0, len};
+    size_t found = 0;
+
+    if (json_is_object(root)) {
+        if (rawjson_object_member(text, len, "reading", &spans[0]) == 1)
+            return n == 1 ? 0 : ING_EINVAL;
+        if (rawjson_object_member(text, len, "readings", &list) != 1) {
+            spans[0] = list; /* a bare reading */
+            return n == 1 ? 0 : ING_EINVAL;
+        }
+    }
+    if (rawjson_array_elements(text + list.off, list.len, spans, n, &found) !=
+            0 ||
+        found != n)
+        return ING_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        spans[i].off += list.off;
+    return 0;
+}
+
+/* Builds the batch from `items`, whose texts are `spans` of `text`, under
+ * the envelope's idempotency `key` (NULL for none). Returns 0 or
+ * ING_ENOMEM. */
 static int build_batch(const ws_ingest_config_t *cfg, const auth_device_t *dev,
-                       json_t *items, const json_t *key, ws_parsed_t *out)
+                       json_t *items, const char *text,
+                       const rawjson_span_t *spans, const json_t *key,
+                       ws_parsed_t *out)
 {
     size_t n = json_array_size(items);
     size_t unparsable = 0;
@@ -277,7 +308,8 @@ static int build_batch(const ws_ingest_config_t *cfg, const auth_device_t *dev,
         if (!json_is_object(value)) {
             pipeline_batch_add_unparsable(b, "must be an object");
             unparsable++;
-        } else if (pipeline_batch_add(b, value) < 0) {
+        } else if (pipeline_batch_add_raw(b, value, text + spans[i].off,
+                                          spans[i].len) < 0) {
             pipeline_batch_free(b);
             return ING_ENOMEM;
         }
@@ -297,12 +329,20 @@ int ws_message_parse(const ws_ingest_config_t *cfg, const auth_device_t *dev,
     json_error_t error;
     json_t *root, *items = NULL;
     const json_t *key = NULL;
+    rawjson_span_t *spans = NULL;
     char message[256];
+    size_t n;
     int rc;
 
     memset(out, 0, sizeof(*out));
-    /* Scalars parse too, so that they get the more helpful reply. */
-    root = json_loadb(text, len, JSON_DECODE_ANY, &error);
+    if (len == 0)
+        return reject(out, WS_MESSAGE_INVALID, "empty_message",
+                      "empty message; send a JSON reading");
+    /* Scalars parse too, so that they get the more helpful reply.
+     * Duplicate keys are rejected because readers disagree on which one
+     * counts: {"device_id":"other","device_id":"me"} must not pass. */
+    root = json_loadb(text, len, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES,
+                      &error);
     if (root == NULL) {
         snprintf(message, sizeof(message),
                  "invalid JSON at line %d column %d: %s", error.line,
@@ -320,9 +360,20 @@ int ws_message_parse(const ws_ingest_config_t *cfg, const auth_device_t *dev,
                             (json_object_get(root, "reading") != NULL ||
                              json_object_get(root, "readings") != NULL)))
         key = json_object_get(root, "idempotency_key");
-    if (rc == 0 && out->reply == NULL)
-        rc = build_batch(cfg, dev, items, key, out);
+    if (rc == 0 && out->reply == NULL) {
+        n = json_array_size(items);
+        spans = malloc((n ? n : 1) * sizeof(*spans));
+        if (spans == NULL)
+            rc = ING_ENOMEM;
+        else if (find_item_texts(text, len, root, n, spans) != 0)
+            rc = reject(out, WS_MESSAGE_ERROR, "internal_error",
+                        "the server could not find a reading's text; "
+                        "report this message to the operator");
+        else
+            rc = build_batch(cfg, dev, items, text, spans, key, out);
+    }
 done:
+    free(spans);
     json_decref(items);
     json_decref(root);
     if (rc != 0)

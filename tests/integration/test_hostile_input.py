@@ -9,11 +9,14 @@ read is bounded by SOCKET_TIMEOUT_S and every load by a byte count.
 import json
 import socket
 import time
+import uuid
 
 import pytest
 import requests
 
+import mqtt_raw as raw
 from conftest import finish, start_server
+from test_websocket import OP_TEXT, RawClient
 
 SOCKET_TIMEOUT_S = 5
 
@@ -125,3 +128,200 @@ def test_short_chunk_extension_accepted(server):
     response = send(server,
                     head(server, "Transfer-Encoding: chunked\r\n") + body)
     assert status_of(response) == 202, response
+
+
+# ---- Readings stored as sent ----
+
+def output_lines(server):
+    lines = []
+    for path in sorted((server.data_dir / "out").glob("*.ndjson")):
+        lines += [line for line in path.read_text().splitlines() if line]
+    return lines
+
+
+def wait_for_payload(server, message_id, timeout_s=10):
+    """Return the raw text of the payload of record `message_id`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in output_lines(server):
+            if f'"message_id":"{message_id}"' in line:
+                start = line.index(',"payload":') + len(',"payload":')
+                assert line.endswith("}")
+                return line[start:-1]
+        time.sleep(0.05)
+    raise AssertionError(f"record {message_id} not in the sink output")
+
+
+# Numbers that jansson would reformat, as (text sent, text expected).
+EXACT_READINGS = [
+    ('{"sensor_value": 0.1, "t2": 1.1, "e": 1E2}',
+     '{"sensor_value":0.1,"t2":1.1,"e":1E2}'),
+    ('{"sensor_value": -0, "timestamp": 1e3}',
+     '{"sensor_value":-0,"timestamp":1e3}'),
+    ('{"sensor_value": 1, "big": 3.14159265358979323846264338327950288,'
+     ' "tiny": 1e-999}',
+     '{"sensor_value":1,"big":3.14159265358979323846264338327950288,'
+     '"tiny":1e-999}'),
+    ('{ "sensor_value" : 2,\t"s": "keep  this \\u00e9 \\" [ ] "\n}',
+     '{"sensor_value":2,"s":"keep  this \\u00e9 \\" [ ] "}'),
+]
+
+
+def post_raw(server, body, content_type="application/json", key="dev-1"):
+    return requests.post(
+        server.base_url + "/v1/data", data=body.encode(), timeout=10,
+        headers={"Content-Type": content_type,
+                 "Authorization": f"Bearer {server.keys[key]}"})
+
+
+@pytest.mark.parametrize("sent,expected", EXACT_READINGS)
+def test_single_reading_stored_as_sent(server, sent, expected):
+    resp = post_raw(server, sent)
+    assert resp.status_code == 202, resp.text
+    assert wait_for_payload(server, resp.json()["ids"][0]) == expected
+
+
+def test_array_readings_stored_as_sent(server):
+    body = "[ " + " ,\n ".join(sent for sent, _ in EXACT_READINGS) + " ]"
+    resp = post_raw(server, body)
+    assert resp.status_code == 202, resp.text
+    ids = resp.json()["ids"]
+    for message_id, (_, expected) in zip(ids, EXACT_READINGS):
+        assert wait_for_payload(server, message_id) == expected
+
+
+def test_ndjson_readings_stored_as_sent(server):
+    body = "\n".join(sent.replace("\n", " ") for sent, _ in EXACT_READINGS)
+    resp = post_raw(server, body, content_type="application/x-ndjson")
+    assert resp.status_code == 202, resp.text
+    ids = resp.json()["ids"]
+    for message_id, (_, expected) in zip(ids, EXACT_READINGS):
+        assert wait_for_payload(server, message_id) == expected
+
+
+@pytest.mark.parametrize("body,content_type", [
+    ('{"device_id":"dev-2","device_id":"dev-1","sensor_value":1}',
+     "application/json"),
+    ('[{"sensor_value":1,"sensor_value":2}]', "application/json"),
+    ('{"sensor_value":1}\n{"sensor_value":1,"sensor_value":1}',
+     "application/x-ndjson"),
+], ids=["device_id", "array", "ndjson"])
+def test_duplicate_keys_rejected(server, body, content_type):
+    resp = post_raw(server, body, content_type=content_type)
+    assert resp.status_code == 400, resp.text
+    text = resp.text
+    assert "duplicate object key" in text
+
+
+def test_nesting_over_limit_rejected(server):
+    deep = "[" * 40 + "1" + "]" * 40
+    resp = post_raw(server, '{"sensor_value":1,"x":' + deep + '}')
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert body["error"] == "validation_failed"
+    reason = body["readings"][0]["errors"][0]["reason"]
+    assert "limits.max_json_depth" in reason
+
+
+def test_nesting_at_limit_accepted(server):
+    # The reading's own object is level 1, so 31 more levels fit in 32.
+    deep = "[" * 31 + "1" + "]" * 31
+    resp = post_raw(server, '{"sensor_value":1,"x":' + deep + '}')
+    assert resp.status_code == 202, resp.text
+
+
+def test_integer_beyond_int64_rejected(server):
+    resp = post_raw(server, '{"sensor_value":1,"n":9223372036854775808}')
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == "invalid_json"
+    assert "too big integer" in resp.json()["message"]
+
+
+def ws_request(server, text):
+    """Send one text message on /v1/ws and return the decoded reply."""
+    client = RawClient(server, key=server.keys["dev-1"])
+    try:
+        assert client.status == 101, client.head
+        client.send(OP_TEXT, text.encode())
+        opcode, payload = client.read_frame()
+        assert opcode == OP_TEXT, (opcode, payload)
+        return json.loads(payload)
+    finally:
+        client.close()
+
+
+def test_ws_readings_stored_as_sent(server):
+    text = ('{"id": "exact", "readings": [ ' +
+            " , ".join(sent for sent, _ in EXACT_READINGS) + " ] }")
+    reply = ws_request(server, text)
+    assert reply["type"] == "ack", reply
+    for message_id, (_, expected) in zip(reply["ids"], EXACT_READINGS):
+        assert wait_for_payload(server, message_id) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"reading" : {"sensor_value": 0.1}}', '{"sensor_value":0.1}'),
+    ('{"sensor_value": 1E2 }', '{"sensor_value":1E2}'),
+    ('[ {"sensor_value": -0} ]', '{"sensor_value":-0}'),
+], ids=["envelope", "bare", "array"])
+def test_ws_message_forms_stored_as_sent(server, text, expected):
+    reply = ws_request(server, text)
+    assert reply["type"] == "ack", reply
+    assert wait_for_payload(server, reply["ids"][0]) == expected
+
+
+def test_ws_duplicate_keys_rejected(server):
+    reply = ws_request(
+        server, '{"device_id":"dev-2","device_id":"dev-1","sensor_value":1}')
+    assert reply["type"] == "error", reply
+    assert reply["error"] == "invalid_json"
+    assert "duplicate object key" in reply["message"]
+
+
+def test_ws_empty_message_explained(server):
+    reply = ws_request(server, "")
+    assert reply["type"] == "error", reply
+    assert reply["error"] == "empty_message"
+    assert reply["message"] == "empty message; send a JSON reading"
+
+
+def mqtt_publish(server, payload, qos=1):
+    """Publish `payload` from dev-1 over MQTT 5; return the PUBACK."""
+    with raw.Client(server.mqtt_port) as client:
+        ack = client.connect(f"hostile-{uuid.uuid4().hex[:8]}", "dev-1",
+                             server.keys["dev-1"])
+        assert ack.reason == 0
+        client.send(raw.publish("devices/dev-1/data", payload, qos=qos))
+        return client.read()
+
+
+def wait_for_marker(server, marker, timeout_s=10):
+    """Return the raw payload text of the record containing `marker`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in output_lines(server):
+            if marker in line:
+                start = line.index(',"payload":') + len(',"payload":')
+                return line[start:-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no record with {marker} in the sink output")
+
+
+def test_mqtt_readings_stored_as_sent(server):
+    for sent, expected in EXACT_READINGS:
+        marker = uuid.uuid4().hex
+        tagged = sent.replace("{", '{"m": "' + marker + '", ', 1)
+        for wrap in ("{}", "[ {} ]"):
+            ack = mqtt_publish(server, wrap.replace("{}", tagged))
+            assert ack.type == raw.PUBACK
+            assert ack.reason == 0
+            assert wait_for_marker(server, marker) == (
+                expected.replace("{", '{"m":"' + marker + '",', 1))
+
+
+def test_mqtt_duplicate_keys_rejected(server):
+    ack = mqtt_publish(
+        server, '{"device_id":"dev-2","device_id":"dev-1","sensor_value":1}')
+    assert ack.type == raw.PUBACK
+    assert ack.reason == 0x99  # payload format invalid
+    assert "duplicate object key" in ack.reason_string

@@ -150,7 +150,9 @@ static int setup(void **state)
         .peer = "127.0.0.1:1",
     };
     ws_options_t opts = {
-        .max_message_size = 64,
+        /* Room for a few fragments, each of which counts 96 bytes on
+         * top of its payload. */
+        .max_message_size = 200,
         .idle_timeout_ms = 60000,
         .ping_interval_ms = 30000,
     };
@@ -291,10 +293,10 @@ static void ws_conn_too_big_closes_1009(void **state)
 {
     fake_t *f = *state;
     unsigned char buf[256];
-    char payload[40];
+    char payload[120];
     size_t n = 0;
 
-    /* Two fragments of 40 bytes exceed the limit of 64 together. */
+    /* Two fragments of 120 bytes exceed the limit of 200 together. */
     memset(payload, 'x', sizeof(payload));
     n += frame(buf + n, 0, 0x1, payload, sizeof(payload), 1);
     n += frame(buf + n, 1, 0x0, payload, sizeof(payload), 1);
