@@ -626,6 +626,7 @@ class OutputReader:
         self.offsets = {}
         self.seen = {}  # message id -> envelope, for ids we look for
         self.duplicates = 0
+        self.unreadable = 0  # lines json cannot parse, such as deep nesting
         self.partial = {}
 
     def poll(self, wanted):
@@ -649,7 +650,10 @@ class OutputReader:
     def take(self, line, wanted):
         try:
             env = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Records of other clients may nest deeper than Python's
+            # recursion limit; they cannot be ours, so they are skipped.
+            self.unreadable += 1
             return
         message_id = env.get("message_id") if isinstance(env, dict) else None
         if message_id not in wanted:
@@ -663,7 +667,8 @@ class OutputReader:
 def verify_output(folder, accepted, timeout_s):
     """Wait until every accepted id is in the output, at most timeout_s.
 
-    Returns (found, missing ids, mismatched ids, duplicates).
+    Returns (found, missing ids, mismatched ids, duplicates, unreadable
+    lines).
     """
     reader = OutputReader(folder)
     deadline = time.monotonic() + timeout_s
@@ -680,7 +685,8 @@ def verify_output(folder, accepted, timeout_s):
         if env.get("device_id") != device_id or \
                 payload.get("sensor_value") != value:
             mismatched.append(message_id)
-    return len(reader.seen), missing, mismatched, reader.duplicates
+    return (len(reader.seen), missing, mismatched, reader.duplicates,
+            reader.unreadable)
 
 
 # ---- report ---------------------------------------------------------------
@@ -722,11 +728,12 @@ def report(stats, elapsed_s, verify, args):
     }
     failed = stats.unexpected_count > 0
     if verify is not None:
-        found, missing, mismatched, duplicates = verify
+        found, missing, mismatched, duplicates, unreadable = verify
         out["output"] = {"accepted_ids": len(stats.accepted_ids),
                          "found": found, "missing": len(missing),
                          "mismatched": len(mismatched),
-                         "duplicates": duplicates}
+                         "duplicates": duplicates,
+                         "unreadable_lines": unreadable}
         failed = failed or bool(missing) or bool(mismatched)
 
     print(f"sent        {out['requests']} requests, {out['readings']} "
@@ -750,6 +757,9 @@ def report(stats, elapsed_s, verify, args):
         print(f"output      {o['found']} of {o['accepted_ids']} accepted ids "
               f"found, {o['missing']} missing, {o['mismatched']} with a "
               f"different device or value, {o['duplicates']} duplicates")
+        if o["unreadable_lines"]:
+            print(f"            {o['unreadable_lines']} output lines skipped "
+                  f"because they are not JSON that Python can parse")
         for message_id in verify[1][:5]:
             print(f"  missing from output: {message_id}")
     print(f"unexpected  {out['unexpected_responses']} responses")

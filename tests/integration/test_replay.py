@@ -123,3 +123,25 @@ def test_replay_fails_on_disabled_device(ingestd_factory):
     assert report["rejected_by_status"].get("403", 0) > 0, proc.stdout
     assert report["unexpected_responses"] > 0, proc.stdout
     assert "device_disabled" in report["rejected_by_code"], proc.stdout
+
+
+def test_replay_skips_unreadable_output_lines(ingestd_factory):
+    # A record nested deeper than Python's recursion limit, as another
+    # client's could be, must not stop the check of this run's ids.
+    server = ingestd_factory()
+    out = server.data_dir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    deep = '{"payload":' + "[" * 5000 + "]" * 5000 + "}\n"
+    (out / "other-client.ndjson").write_text(deep)
+    proc, report = run_replay(
+        server, "--devices", "5", "--duration", "3", "--speed", "30",
+        "--concurrency", "2", "--invalid-rate", "0", "--unknown-rate", "0",
+        "--seed", "3",
+        "--devices-file", str(server.data_dir.parent / "devices.json"),
+        "--verify-output", str(out))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert report is not None, output
+    assert report["output"]["missing"] == 0, output
+    assert report["output"]["unreadable_lines"] == 1, output
+    assert "RecursionError" not in output
