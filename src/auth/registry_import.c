@@ -84,9 +84,9 @@ static void report(struct import *im, size_t line, const char *field,
     im->opts->on_error(message, im->opts->arg);
 }
 
-static void db_failed(struct import *im, const char *what)
+static void db_failed(struct import *im, const char *operation)
 {
-    report(im, 0, NULL, "registry %s: %s failed: %s", im->r->path, what,
+    report(im, 0, NULL, "registry %s: %s failed: %s", im->r->path, operation,
            sqlite3_errmsg(im->r->db));
 }
 
