@@ -69,7 +69,7 @@ static idem_entry_t **find_slot(idempotency_t *ix, uint64_t hash,
     return slot;
 }
 
-/* Doubles the bucket array once the table holds as many entries as it has
+/* Doubles the bucket array once the table has as many entries as it has
  * buckets. A failed allocation keeps the old array, which only makes the
  * chains longer. */
 static void maybe_grow(idempotency_t *ix)

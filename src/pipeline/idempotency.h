@@ -4,7 +4,7 @@
  * A key is claimed when a batch that carries it is built, committed with
  * its message ids once the spool made the batch durable, and released when
  * the batch fails. A claim of a committed key is a replay: the caller
- * answers with the original ids and stores nothing. A claim of a key whose
+ * replies with the original ids and stores nothing. A claim of a key whose
  * batch is still in flight is busy. Keys expire `window_ms` after the
  * batch was received. Past `max_keys`, the oldest committed keys are
  * evicted early.
@@ -69,14 +69,14 @@ int idempotency_claim(idempotency_t *ix, const char *device, const char *key,
 
 /* Turns the reservation of `owner` into a committed key with `nids` ids
  * (16 bytes each) and the batch's receive time. Does nothing when `owner`
- * holds no reservation of that key. Returns 0 or ING_ENOMEM, which
+ * has no reservation of that key. Returns 0 or ING_ENOMEM, which
  * releases the reservation. */
 int idempotency_commit(idempotency_t *ix, const char *device,
                        const char *key, size_t key_len, const void *owner,
                        int64_t received_ms, const uint8_t *ids, size_t nids);
 
 /* Drops the reservation of `owner`, so that the key can be claimed again.
- * Does nothing when `owner` holds none. */
+ * Does nothing when `owner` has none. */
 void idempotency_release(idempotency_t *ix, const char *device,
                          const char *key, size_t key_len, const void *owner);
 
@@ -113,12 +113,11 @@ int idempotency_log_append(idempotency_t *ix, int64_t received_ms,
  * again from their source. */
 int idempotency_log_sync(idempotency_t *ix, int64_t now_ms);
 
-/* Starts following `spool` with the reader named "idempotency": first,
- * on the calling thread, every durable record after that reader's cursor
- * is read, restored into the table and logged (these are records
- * acknowledged before a crash whose keys may be missing from the log),
- * then a thread keeps logging new records. Returns 0, or a negative
- * ing_error with a message in `err`. */
+/* Starts following `spool` with the reader named "idempotency". First,
+ * on the calling thread, it restores and logs every durable record after
+ * that reader's cursor: records acknowledged before a crash whose keys may
+ * be missing from the log. Then a thread keeps logging new records.
+ * Returns 0, or a negative ing_error with a message in `err`. */
 int idempotency_follow_start(idempotency_t *ix, spool_t *spool,
                              idempotency_follow_t **out, char *err,
                              size_t errlen);

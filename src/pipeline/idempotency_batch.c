@@ -3,10 +3,26 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/errors.h"
 #include "core/log.h"
 #include "pipeline/idempotency_batch.h"
+
+/* A cursor left by an earlier run with idempotency on still holds back
+ * segment deletion, as a removed sink's cursor does. The spool loaded it
+ * already, so only the operator can drop it, with ingestd stopped. */
+static void warn_stale_cursor(const config_t *cfg)
+{
+    char path[4096];
+
+    snprintf(path, sizeof(path), "%s/spool/cursors/idempotency",
+             cfg->data_dir);
+    if (access(path, F_OK) == 0)
+        log_warn("idempotency is off, but its spool cursor remains and "
+                 "holds back segment deletion; stop ingestd and delete it",
+                 "file=%s", path);
+}
 
 int idem_pipeline_create(const config_t *cfg, spool_t *spool,
                          idem_pipeline_t **out, char *err, size_t errlen)
@@ -17,8 +33,12 @@ int idem_pipeline_create(const config_t *cfg, spool_t *spool,
     int rc;
 
     *out = NULL;
-    if (!cfg->idempotency.enabled || spool == NULL)
+    if (spool == NULL)
         return 0;
+    if (!cfg->idempotency.enabled) {
+        warn_stale_cursor(cfg);
+        return 0;
+    }
     ip = calloc(1, sizeof(*ip));
     if (ip == NULL)
         return ING_ENOMEM;
@@ -249,8 +269,8 @@ int idem_batch_check_reading(idem_batch_t *ib, const json_t *reading,
         *key = ib->claims[ib->claim_count - 1].key;
         return IDEM_STORE;
     case IDEMPOTENCY_REPLAY:
-        /* A key first used for a whole request maps to several ids; a
-         * reading repeating it gets the first. */
+        /* A key first used for a whole request maps to several ids, and
+         * a reading repeating it gets the first. */
         rc = push_binary_ids(ib, ids, 1);
         free(ids);
         if (rc != 0)

@@ -1,10 +1,10 @@
 /* The idempotency log: segment files 00000000000000000001.log, ... in the
  * index's folder, each a sequence of frames.
  *
- * A frame is a 4-byte little-endian payload length, a 4-byte little-endian
- * CRC32C of the payload, then the payload: received_ms (8 bytes, little
- * endian), the message id (16 bytes), the device id's length and the key's
- * length (2 bytes each, little endian), the device id and the key. Each
+ * A frame is a 4-byte payload length, a 4-byte CRC32C of the payload,
+ * then the payload. The payload is received_ms (8 bytes), the message id
+ * (16 bytes), the device id's length and the key's length (2 bytes each),
+ * the device id and the key. Integers are little endian. Each
  * start writes to a new segment, so a torn tail left by a crash is always
  * at the end of a segment that is no longer written.
  */

@@ -1,5 +1,5 @@
-"""Idempotent ingest: a repeated key is answered with the original message
-ids and stored once, over HTTP, MQTT and WebSocket, across restarts and
+"""Idempotent ingest: a repeated key gets the original message ids and is
+stored once, over HTTP, MQTT and WebSocket, across restarts and
 after the spool deleted the delivered segment.
 
 "Stored once" is checked in the file sink's output by counting distinct
@@ -22,7 +22,7 @@ import mqtt_raw
 from conftest import (Server, add_device, binary, free_port, stop,
                       wait_ready, write_config)
 
-SETTLE_S = 1.0  # time for the file sink to write what it will write
+SETTLE_S = 1.0  # lets the file sink write any second copy before counting
 
 
 def start(folder, idempotency=None, spool=None, ports=None):
@@ -67,9 +67,9 @@ def ports_of(server):
     return (server.port, server.admin_port, server.mqtt_port)
 
 
-def restart(server, how):
-    """Stop `server` with SIGTERM or SIGKILL and start it again."""
-    if how == "kill":
+def restart(server, stop_signal):
+    """Stop `server` with "SIGTERM" or "SIGKILL" and start it again."""
+    if stop_signal == "SIGKILL":
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(timeout=20)
     else:
@@ -181,36 +181,36 @@ def test_failed_validation_not_recorded(tmp_path):
         stop(server)
 
 
-def check_restart(tmp_path, how):
+def check_restart(tmp_path, stop_signal):
     server = start(tmp_path / "s")
     try:
         first = post(server, [{"sensor_value": 5}, {"sensor_value": 6}],
-                     key=f"restart-{how}")
+                     key=f"restart-{stop_signal}")
         assert first.status_code == 202
-        reading = post(server, {"sensor_value": 7, "msg_id": f"m-{how}"})
+        reading = post(server, {"sensor_value": 7, "msg_id": f"m-{stop_signal}"})
         assert reading.status_code == 202
-        server = restart(server, how)
+        server = restart(server, stop_signal)
         again = post(server, [{"sensor_value": 5}, {"sensor_value": 6}],
-                     key=f"restart-{how}")
+                     key=f"restart-{stop_signal}")
         assert again.status_code == 202, again.text
         assert again.json() == first.json()
-        again = post(server, {"sensor_value": 7, "msg_id": f"m-{how}"})
+        again = post(server, {"sensor_value": 7, "msg_id": f"m-{stop_signal}"})
         assert again.json() == reading.json()
         server.wait_for_ids(first.json()["ids"] + reading.json()["ids"])
         time.sleep(SETTLE_S)
-        assert ids_for_key(server, f"restart-{how}") == set(
+        assert ids_for_key(server, f"restart-{stop_signal}") == set(
             first.json()["ids"])
-        assert ids_for_key(server, f"m-{how}") == set(reading.json()["ids"])
+        assert ids_for_key(server, f"m-{stop_signal}") == set(reading.json()["ids"])
     finally:
         stop(server)
 
 
 def test_repeat_after_sigterm(tmp_path):
-    check_restart(tmp_path, "term")
+    check_restart(tmp_path, "SIGTERM")
 
 
 def test_repeat_after_sigkill(tmp_path):
-    check_restart(tmp_path, "kill")
+    check_restart(tmp_path, "SIGKILL")
 
 
 def spool_segments(server):
@@ -219,7 +219,7 @@ def spool_segments(server):
 
 def test_repeat_after_segment_deleted_and_kill(tmp_path):
     """The key's record was delivered and its spool segment deleted, so
-    only the idempotency log can still answer after SIGKILL."""
+    only the idempotency log still contains the key after SIGKILL."""
     server = start(tmp_path / "s", spool={"segment_size": "64KiB"})
     try:
         first = post(server, {"sensor_value": 5}, key="deleted-seg")
@@ -235,7 +235,7 @@ def test_repeat_after_segment_deleted_and_kill(tmp_path):
         while oldest in spool_segments(server):
             assert time.monotonic() < deadline, "segment never deleted"
             time.sleep(0.1)
-        server = restart(server, "kill")
+        server = restart(server, "SIGKILL")
         again = post(server, {"sensor_value": 5}, key="deleted-seg")
         assert again.json() == first.json()
         time.sleep(SETTLE_S)
