@@ -260,6 +260,40 @@ def test_k8s_config_loads(rendered, tmp_path):
                  {"/etc/ingestd/reading.json": schema})
 
 
+def test_k8s_init_container_imports_devices(rendered, tmp_path):
+    _, objects = rendered
+    spec, container = pod_spec(objects)
+    init = spec["initContainers"]
+    assert [c["name"] for c in init] == ["import-devices"]
+    init = init[0]
+    assert init["image"] == container["image"]
+    args = init["args"]
+    assert args[:3] == ["device", "import", "--replace"]
+    assert args[3] == "/etc/ingestd/devices.jsonl"
+    assert args[4:] == ["-c", "/etc/ingestd/ingestd.yaml"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert init_mounts == mounts
+    assert init["securityContext"] == container["securityContext"]
+    assert "limits" in init["resources"]
+
+    # The rendered command runs against the rendered config and device
+    # list, with the /etc and /var paths moved under tmp_path.
+    cm = only(objects, "ConfigMap")
+    etc = tmp_path / "etc" / "ingestd"
+    etc.mkdir(parents=True)
+    (tmp_path / "var" / "lib" / "ingestd").mkdir(parents=True)
+    for name, text in cm["data"].items():
+        text = re.sub(r"(?<![\w.])/(etc|var|run)/",
+                      lambda m: f"{tmp_path}/{m.group(1)}/", text)
+        (etc / name).write_text(text)
+    local_args = [re.sub(r"^/etc/", f"{tmp_path}/etc/", a) for a in args]
+    proc = subprocess.run([binary(), *local_args], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith(" 0 deleted\n"), proc.stdout
+
+
 def test_k8s_schema_copy_current():
     copy = DEPLOY / "k8s" / "base" / "reading.json"
     assert copy.read_text() == (REPO / "schemas" / "reading.json").read_text()
