@@ -219,6 +219,9 @@ struct http_listener {
     const char *endpoints; /* listed in 404 responses */
     auth_t *auth;
     pipeline_loop_t *pl;
+    /* The pipeline's limits (API), kept here because connections close
+     * after `pl` is detached at shutdown, while the pipeline lives on. */
+    limits_t *flow_limits;
     http_admin_hooks_t hooks;
     ws_ingest_config_t ws; /* settings of GET /v1/ws sessions (API) */
     ws_options_t mqtt_ws;  /* settings of GET /mqtt connections (API) */

@@ -186,13 +186,12 @@ void http_listener_conn_ready(net_conn_t *n)
  * closing it. */
 static int count_api_connection(http_listener_t *l, http_conn_t *c)
 {
-    limits_t *lim = pipeline_limits(pipeline_loop_pipeline(l->pl));
     char address[64];
     uint64_t wait_ms;
     int rc;
 
     limits_peer_address(c->peer, address, sizeof(address));
-    rc = limits_connection_open(lim,
+    rc = limits_connection_open(l->flow_limits,
                                 l->tls != NULL ? LIMITS_LISTENER_HTTPS
                                                : LIMITS_LISTENER_HTTP,
                                 address, limits_now_ms(), &wait_ms);
@@ -227,9 +226,9 @@ void http_listener_conn_uncount(http_conn_t *c)
 
     l->served--;
     if (l->kind == HTTP_LISTENER_API)
-        limits_connection_close(
-            pipeline_limits(pipeline_loop_pipeline(l->pl)),
-            l->tls != NULL ? LIMITS_LISTENER_HTTPS : LIMITS_LISTENER_HTTP);
+        limits_connection_close(l->flow_limits,
+                                l->tls != NULL ? LIMITS_LISTENER_HTTPS
+                                               : LIMITS_LISTENER_HTTP);
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -357,6 +356,7 @@ static int api_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
     l->endpoints = "POST /v1/data, GET /v1/ws and GET /mqtt";
     l->auth = auth;
     l->pl = pl;
+    l->flow_limits = pipeline_limits(pipeline_loop_pipeline(pl));
     l->ws = (ws_ingest_config_t){
         .auth = auth,
         .pl = pl,

@@ -125,8 +125,7 @@ static void on_net_closed(net_conn_t *n)
     handshake_done(c);
     if (c->counted) {
         l->tcp_connections--;
-        limits_connection_close(pipeline_limits(pipeline_loop_pipeline(l->pl)),
-                                c->kind);
+        limits_connection_close(l->limits, c->kind);
     }
     if (c->session != NULL)
         mqtt_session_transport_closed(c->session);
@@ -271,7 +270,6 @@ static const net_conn_events_t tcp_events = {
 static int count_connection(mqtt_listener_t *l, tcp_conn_t *c,
                             const char *name)
 {
-    limits_t *lim = pipeline_limits(pipeline_loop_pipeline(l->pl));
     char address[64];
     uint64_t wait_ms;
     int rc;
@@ -279,8 +277,8 @@ static int count_connection(mqtt_listener_t *l, tcp_conn_t *c,
     c->kind = c->net.tls != NULL ? LIMITS_LISTENER_MQTTS
                                  : LIMITS_LISTENER_MQTT;
     limits_peer_address(c->net.peer, address, sizeof(address));
-    rc = limits_connection_open(lim, c->kind, address, limits_now_ms(),
-                                &wait_ms);
+    rc = limits_connection_open(l->limits, c->kind, address,
+                                limits_now_ms(), &wait_ms);
     if (rc == 0) {
         c->counted = 1;
         l->tcp_connections++;
@@ -541,6 +539,7 @@ int mqtt_listener_start(uv_loop_t *loop, const config_t *cfg, auth_t *auth,
     l->cfg = cfg;
     l->auth = auth;
     l->pl = pl;
+    l->limits = pipeline_limits(pipeline_loop_pipeline(pl));
     l->refs = 1;
     pthread_mutex_init(&l->mail_lock, NULL);
     rc = parse_topics(l, cfg->mqtt.topics, err, errlen);

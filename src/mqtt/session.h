@@ -57,6 +57,9 @@ struct mqtt_listener {
     const config_t *cfg;
     auth_t *auth;
     pipeline_loop_t *pl;
+    /* The pipeline's limits, kept here because connections close after
+     * `pl` is detached at shutdown, while the pipeline lives on. */
+    limits_t *limits;
     char **topics; /* templates from mqtt.topics */
     size_t topic_count;
 

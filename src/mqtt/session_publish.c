@@ -245,8 +245,11 @@ static void hold_message(mqtt_session_t *s, mqtt_reply_t *r, int rc)
 {
     uint64_t wait_ms = pipeline_batch_retry_after_ms(r->batch);
 
+    /* A rate-limited client is held again and again, which is its
+     * normal pace, so only the spool's congestion is a warning. */
     if (s->held == NULL)
-        log_write_limited("mqtt_hold", 5, LOG_LEVEL_WARN,
+        log_write_limited("mqtt_hold", 5,
+                          rc == ING_EFULL ? LOG_LEVEL_WARN : LOG_LEVEL_DEBUG,
                           "holding an mqtt message and pausing the "
                           "connection",
                           "conn=%llu client=%s device=%s error=\"%s\" "
@@ -343,9 +346,9 @@ void mqtt_session_retry_held(mqtt_session_t *s)
     if (r == NULL || s->phase == MQTT_PHASE_CLOSING)
         return;
     if (submit(s, r) == 0) {
-        log_info("spool accepted the held mqtt message",
-                 "conn=%llu client=%s", (unsigned long long)s->id,
-                 s->client_id);
+        log_debug("pipeline accepted the held mqtt message",
+                  "conn=%llu client=%s", (unsigned long long)s->id,
+                  s->client_id);
         mqtt_session_update(s);
     }
 }

@@ -223,8 +223,7 @@ void mqtt_table_detach(mqtt_session_t *s)
      * passes here once, whether it attached a state or not. */
     if (s->device_counted) {
         s->device_counted = 0;
-        pipeline_device_disconnect(pipeline_loop_pipeline(s->listener->pl),
-                                   &s->device);
+        limits_device_disconnect(s->listener->limits, s->device.id);
     }
     if (st == NULL)
         return;

@@ -63,6 +63,7 @@ struct session {
     int limit_paused;   /* reading paused until the session timer fires */
     int device_counted; /* counted in limits.max_connections_per_device */
     int over_device_limit; /* to close with 1008 when the timer fires */
+    pipeline_t *pipeline;  /* outlives cfg.pl, which shutdown detaches */
 };
 
 static const char *device_of(const session_t *s)
@@ -320,7 +321,7 @@ static void on_batch_done(pipeline_batch_t *b, int status, void *arg)
  * the session timer fires. */
 static int count_device(session_t *s, int opening)
 {
-    pipeline_t *p = pipeline_loop_pipeline(s->cfg.pl);
+    pipeline_t *p = s->pipeline;
 
     if (s->device_counted)
         return 1;
@@ -625,8 +626,7 @@ static void on_close(ws_conn_t *ws, uint16_t code, void *arg)
     s->head = s->tail = NULL;
     s->ws = NULL;
     if (s->device_counted)
-        pipeline_device_disconnect(pipeline_loop_pipeline(s->cfg.pl),
-                                   &s->dev);
+        pipeline_device_disconnect(s->pipeline, &s->dev);
     session_maybe_free(s);
 }
 
@@ -646,6 +646,7 @@ ws_conn_t *ws_ingest_open(const ws_stream_t *stream,
     if (s == NULL)
         return NULL;
     s->cfg = *cfg;
+    s->pipeline = pipeline_loop_pipeline(cfg->pl);
     s->conn_id = stream->conn_id;
     snprintf(s->peer, sizeof(s->peer), "%s", stream->peer ? stream->peer : "?");
     s->ws = ws_conn_open(stream, &cfg->ws, &ingest_handler, s);
