@@ -38,6 +38,13 @@ static int authenticate(http_conn_t *c, http_request_t *r)
     char message[224];
     uint64_t wait_s;
 
+    if (r->key_conflict) {
+        http_request_reject(c, 400, "conflicting_credentials",
+                            "the Authorization and X-API-Key headers carry "
+                            "different credentials; send one credential",
+                            NULL, HTTP_REJECT_AFTER_BODY, NULL);
+        return 0;
+    }
     if (r->key_len == 0 && !r->key_overflow) {
         http_request_reject(c, 401, "missing_credentials",
                             "no credential was sent; send an API key or a "
@@ -88,9 +95,23 @@ static void api_check(http_conn_t *c, http_request_t *r)
 {
     http_listener_t *l = c->listener;
     const llhttp_t *p = &c->parser;
+    const char *param = http_key_in_url(r->url);
     char headers[64];
-    int cert = http_cert_check(c, r);
+    char message[256];
+    int cert;
 
+    if (param != NULL) {
+        snprintf(message, sizeof(message),
+                 "the query parameter \"%s\" looks like an API key, and "
+                 "keys in URLs end up in proxy and access logs; send the "
+                 "key in an \"Authorization: Bearer\" or \"X-API-Key\" "
+                 "header",
+                 param);
+        http_request_reject(c, 400, "key_in_url", message, NULL,
+                            HTTP_REJECT_AFTER_BODY_CLOSE, NULL);
+        return;
+    }
+    cert = http_cert_check(c, r);
     if (cert == HTTP_CERT_REJECTED)
         return;
     if (cert == HTTP_CERT_NONE && (!authenticate(c, r) ||

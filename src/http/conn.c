@@ -126,6 +126,11 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 
 static void set_key(http_request_t *r, const char *key, size_t len)
 {
+    /* Two different credentials leave it unclear who sends, so the
+     * request is rejected instead of letting one header win. */
+    if (r->key_len > 0 &&
+        (len != r->key_len || memcmp(r->key, key, len) != 0))
+        r->key_conflict = 1;
     if (len > HTTP_KEY_MAX) {
         r->key_overflow = 1;
         return;
@@ -167,6 +172,12 @@ static void use_header(http_request_t *r)
         }
     } else if (strcasecmp(r->field, "expect") == 0) {
         r->expect_continue = strcasecmp(r->value, "100-continue") == 0;
+        r->expect_other = !r->expect_continue;
+    } else if (strcasecmp(r->field, "transfer-encoding") == 0) {
+        /* llhttp 8.1 frames a body by the final "chunked" and ignores
+         * codings before it, such as gzip, which the body would need. */
+        r->transfer_coding_other |=
+            strcasecmp(r->value, "chunked") != 0;
     } else {
         http_ws_use_header(r);
     }
@@ -184,17 +195,67 @@ static int on_header_value_complete(llhttp_t *p)
     return 0;
 }
 
+/* Returns the path of a request target: origin form as it is, or the
+ * part after the authority of absolute form ("http://host/v1/data"),
+ * which RFC 9112 section 3.2.2 requires servers to accept. */
+static const char *target_path(const char *url)
+{
+    const char *p;
+
+    if (strncasecmp(url, "http://", 7) != 0 &&
+        strncasecmp(url, "https://", 8) != 0)
+        return url;
+    p = strstr(url, "//") + 2;
+    p += strcspn(p, "/?#");
+    return *p == '/' ? p : "/";
+}
+
 static const http_route_t *find_route(const http_listener_t *l,
                                       const http_request_t *r)
 {
-    size_t path_len = strcspn(r->url, "?#");
+    const char *path = target_path(r->url);
+    size_t path_len = strcspn(path, "?#");
 
     for (size_t i = 0; i < l->route_count; i++) {
-        const char *path = l->routes[i].path;
-        if (strlen(path) == path_len && memcmp(path, r->url, path_len) == 0)
+        const char *route = l->routes[i].path;
+        if (strlen(route) == path_len && memcmp(route, path, path_len) == 0)
             return &l->routes[i];
     }
     return NULL;
+}
+
+/* Checks what every route needs of the request line and headers. Returns
+ * 1, or 0 after recording a rejection. The connection closes after each,
+ * because the body's framing or the request's end is in doubt. */
+static int head_ok(http_conn_t *c, llhttp_t *p)
+{
+    const http_request_t *r = &c->req;
+
+    if (llhttp_get_http_major(p) == 0) {
+        /* llhttp 8.1 reads a request line without a version as
+         * HTTP/0.9, which has neither headers nor a body. */
+        http_request_reject(c, 400, "bad_request",
+                            "the request line has no HTTP version; send "
+                            "\"POST /v1/data HTTP/1.1\"",
+                            NULL, HTTP_REJECT_NOW, "bad_framing");
+        return 0;
+    }
+    if (r->transfer_coding_other) {
+        http_request_reject(c, 501, "unsupported_transfer_coding",
+                            "Transfer-Encoding may only be \"chunked\"; "
+                            "the server supports no other transfer coding "
+                            "or content encoding",
+                            NULL, HTTP_REJECT_NOW, "bad_framing");
+        return 0;
+    }
+    if (r->expect_other) {
+        http_request_reject(c, 417, "expectation_failed",
+                            "the only Expect value supported is "
+                            "\"100-continue\"; remove the Expect header",
+                            NULL, HTTP_REJECT_NOW, NULL);
+        return 0;
+    }
+    return 1;
 }
 
 /* Finds the route and lets it check the headers. */
@@ -206,6 +267,8 @@ static void check_request(http_conn_t *c, llhttp_t *p)
     char message[256];
     char headers[64];
 
+    if (!head_ok(c, p))
+        return;
     r->route = find_route(l, r);
     if (r->route == NULL) {
         snprintf(message, sizeof(message),

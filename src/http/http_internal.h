@@ -182,6 +182,9 @@ struct http_request {
     size_t key_len;
     int key_overflow;  /* a key longer than any valid key was sent */
     int expect_continue;
+    int expect_other;  /* an Expect value other than 100-continue */
+    int key_conflict;  /* Authorization and X-API-Key differ */
+    int transfer_coding_other; /* a transfer coding besides chunked */
     int keep_alive;    /* from llhttp at message complete */
     const http_route_t *route;
     char *body;
@@ -326,6 +329,11 @@ typedef struct http_stream_handler {
  * once. `h` must outlive the connection. */
 void http_conn_switch_stream(http_conn_t *c, const http_stream_handler_t *h,
                              void *arg);
+
+/* Returns the name of the first query parameter of `url` that carries a
+ * key (api_key, key, token and the like), or NULL. Keys in URLs end up in
+ * proxy and access logs, so such requests are rejected. */
+const char *http_key_in_url(const char *url);
 
 /* Collects the WebSocket handshake headers while llhttp reads them. */
 void http_ws_use_header(http_request_t *r);

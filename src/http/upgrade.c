@@ -23,7 +23,7 @@
 
 /* Query parameter names that would put a key in the URL. */
 static const char *const key_params[] = {"key", "api_key", "apikey",
-                                         "access_token"};
+                                         "access_token", "token"};
 
 static int is_ows(char ch)
 {
@@ -114,9 +114,7 @@ void http_ws_use_header(http_request_t *r)
     }
 }
 
-/* Returns the name of the first query parameter that carries a key, or
- * NULL. */
-static const char *key_in_url(const char *url)
+const char *http_key_in_url(const char *url)
 {
     const char *q = strchr(url, '?');
 
@@ -281,7 +279,7 @@ static int not_draining(http_conn_t *c)
 
 void http_ws_check(http_conn_t *c, http_request_t *r)
 {
-    const char *param = key_in_url(r->url);
+    const char *param = http_key_in_url(r->url);
     char message[320];
     int cert;
 

@@ -133,6 +133,7 @@ enum mqtt_error {
     MQTT_E_UTF8 = -110,
     MQTT_E_UTF8_NUL = -111,
     /* CONNECT. */
+    MQTT_E_SECOND_CONNECT = -119, /* CONNECT on a connected session */
     MQTT_E_PROTOCOL_NAME = -120,
     MQTT_E_PROTOCOL_LEVEL = -121,
     MQTT_E_CONNECT_RESERVED = -122,

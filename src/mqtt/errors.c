@@ -29,6 +29,8 @@ static const struct error_info errors[] = {
      "PINGRESP)"},
     {MQTT_E_HEADER_FLAGS, MALFORMED,
      "fixed header flags are invalid for the packet type"},
+    {MQTT_E_SECOND_CONNECT, PROTOCOL,
+     "a second CONNECT is a protocol error"},
     {MQTT_E_TRUNCATED, MALFORMED,
      "a field runs past the end of the packet"},
     {MQTT_E_TRAILING_BYTES, MALFORMED,

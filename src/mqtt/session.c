@@ -556,8 +556,7 @@ static int handle_packet(mqtt_session_t *s, const mqtt_frame_t *frame)
     int rc;
 
     if (frame->type == MQTT_CONNECT) {
-        /* A second CONNECT is a protocol violation. */
-        protocol_failure(s, MQTT_E_SERVER_PACKET, frame->type);
+        protocol_failure(s, MQTT_E_SECOND_CONNECT, frame->type);
         return -1;
     }
     rc = mqtt_decode(frame, s->version, &pkt);

@@ -103,6 +103,7 @@ const char *mqtt_metrics_error_label(int code)
     case MQTT_E_PUBLISH_QOS:
         return "publish_qos";
     case MQTT_E_SERVER_PACKET:
+    case MQTT_E_SECOND_CONNECT:
         return "unexpected_packet";
     case MQTT_E_PROTOCOL_NAME:
     case MQTT_E_PROTOCOL_LEVEL:

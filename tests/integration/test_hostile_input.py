@@ -325,3 +325,82 @@ def test_mqtt_duplicate_keys_rejected(server):
     assert ack.type == raw.PUBACK
     assert ack.reason == 0x99  # payload format invalid
     assert "duplicate object key" in ack.reason_string
+
+
+# ---- Request lines and headers ----
+
+def test_request_line_without_version_rejected(server):
+    response = send(server, b"POST /v1/data\r\n\r\n")
+    assert status_of(response) == 400, response
+    assert error_of(response) == "bad_request"
+    assert b"HTTP version" in response[2]
+
+
+def test_absolute_form_target_routed_by_path(server):
+    body = READING
+    data = head(server, f"Content-Length: {len(body)}\r\n",
+                target=f"http://127.0.0.1:{server.port}/v1/data") + body
+    response = send(server, data)
+    assert status_of(response) == 202, response
+
+
+@pytest.mark.parametrize("query", ["api_key=x", "key=x", "token=x",
+                                   "a=1&access_token=x"])
+def test_key_in_url_rejected(server, query):
+    data = head(server, f"Content-Length: {len(READING)}\r\n",
+                target=f"/v1/data?{query}") + READING
+    response = send(server, data)
+    assert status_of(response) == 400, response
+    assert error_of(response) == "key_in_url"
+
+
+def test_conflicting_credentials_rejected(server):
+    extra = (f"X-API-Key: {server.keys['dev-2']}\r\n"
+             f"Content-Length: {len(READING)}\r\n")
+    response = send(server, head(server, extra) + READING)
+    assert status_of(response) == 400, response
+    assert error_of(response) == "conflicting_credentials"
+
+
+def test_same_credential_twice_accepted(server):
+    extra = (f"X-API-Key: {server.keys['dev-1']}\r\n"
+             f"Content-Length: {len(READING)}\r\n")
+    response = send(server, head(server, extra) + READING)
+    assert status_of(response) == 202, response
+
+
+def test_transfer_coding_besides_chunked_rejected(server):
+    body = f"{len(READING):x}\r\n".encode() + READING + b"\r\n0\r\n\r\n"
+    response = send(server, head(server,
+                                 "Transfer-Encoding: gzip, chunked\r\n") +
+                    body)
+    assert response[0] == "HTTP/1.1 501 Not Implemented", response
+    assert error_of(response) == "unsupported_transfer_coding"
+
+
+def test_unknown_expectation_rejected(server):
+    extra = f"Expect: 200-ok\r\nContent-Length: {len(READING)}\r\n"
+    response = send(server, head(server, extra) + READING)
+    assert response[0] == "HTTP/1.1 417 Expectation Failed", response
+    assert error_of(response) == "expectation_failed"
+
+
+def test_websocket_version_426_status_text(server):
+    data = (b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 8\r\n\r\n")
+    response = send(server, data)
+    assert response[0] == "HTTP/1.1 426 Upgrade Required", response
+
+
+def test_mqtt_second_connect_reason(server):
+    with raw.Client(server.mqtt_port) as client:
+        ack = client.connect(f"hostile-{uuid.uuid4().hex[:8]}", "dev-1",
+                             server.keys["dev-1"])
+        assert ack.reason == 0
+        client.send(raw.connect("again", "dev-1", server.keys["dev-1"]))
+        packet = client.read()
+        assert packet.type == raw.DISCONNECT
+        assert packet.reason == 0x82
+        assert packet.reason_string == "a second CONNECT is a protocol error"
