@@ -511,14 +511,16 @@ static void config_rejects_unknown_key(void **state)
     expect_error(fx, MINIMAL "lgo:\n  level: info\n",
                  "4: unknown key \"lgo\" (known keys: log, data_dir, "
                  "registry, jwt, auth, http, limits, admin, ws, mqtt, https, "
-                 "mqtts, tls, spool, shutdown_timeout, sinks_drain_timeout, "
-                 "default_device_type, device_types, sinks, bridges)");
+                 "mqtts, tls, spool, idempotency, shutdown_timeout, "
+                 "sinks_drain_timeout, default_device_type, device_types, "
+                 "sinks, bridges)");
     /* A dotted key at the top level is not a shortcut for a section. */
     expect_error(fx, MINIMAL "http.listen: 127.0.0.1:80\n",
                  "4: unknown key \"http.listen\" (known keys: log, data_dir, "
                  "registry, jwt, auth, http, limits, admin, ws, mqtt, https, "
-                 "mqtts, tls, spool, shutdown_timeout, sinks_drain_timeout, "
-                 "default_device_type, device_types, sinks, bridges)");
+                 "mqtts, tls, spool, idempotency, shutdown_timeout, "
+                 "sinks_drain_timeout, default_device_type, device_types, "
+                 "sinks, bridges)");
     expect_error(fx, MINIMAL "    shema: x.json\n",
                  "4: unknown key \"device_types.default.shema\" (known keys "
                  "in device_types.default: schema, schema_inline, limits)");
