@@ -198,6 +198,8 @@ static int count_api_connection(http_listener_t *l, http_conn_t *c)
     if (rc == 0) {
         c->counted = 1;
         l->served++;
+        log_debug("connection opened", "conn=%llu listener=%s peer=%s",
+                  (unsigned long long)c->id, l->name, c->peer);
         return 0;
     }
     /* A client over a connection maximum still completes its TLS

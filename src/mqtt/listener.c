@@ -264,8 +264,8 @@ static const net_conn_events_t tcp_events = {
 
 /* Applies the connection limits before any byte is read, so that a
  * connection storm costs no TLS handshake. A plain connection over the
- * address's rate still reads its CONNECT, to answer 5.0 clients with
- * CONNACK 0x9F; a TLS one closes at once. Returns 0 when the connection
+ * address's rate still reads its CONNECT, so that 5.0 clients get CONNACK
+ * 0x9F. A TLS connection closes at once. Returns 0 when the connection
  * goes on, or -1 after closing it. */
 static int count_connection(mqtt_listener_t *l, tcp_conn_t *c,
                             const char *name)

@@ -25,7 +25,7 @@
 /* Interval of the submit retry while the spool is full. */
 #define MQTT_FULL_RETRY_MS 100
 
-/* Longest wait before a message held by a rate limit or quota is tried
+/* Maximum wait before a message held by a rate limit or quota is tried
  * again, so that a raised limit takes effect within this time. */
 #define MQTT_LIMIT_RETRY_MAX_MS 60000
 
@@ -247,7 +247,7 @@ void mqtt_table_detach(mqtt_session_t *s);
 mqtt_state_t *mqtt_state_ref(mqtt_state_t *st);
 void mqtt_state_unref(mqtt_state_t *st);
 
-/* Returns 1 when a connected session of device `device_id` holds client
+/* Returns 1 when a connected session of device `device_id` uses client
  * id `client_id`, so that a new CONNECT with it takes that session over.
  * Thread-safe. */
 int mqtt_table_owned(const char *client_id, const char *device_id);

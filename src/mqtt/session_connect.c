@@ -261,8 +261,10 @@ static int count_device_connection(mqtt_session_t *s)
     if (pipeline_config(p)->limits.max_connections_per_device == 0)
         return 0;
     if (pipeline_device_connect(p, &s->device) != 0) {
-        if (!mqtt_table_owned(s->client_id, s->device.id))
+        if (!mqtt_table_owned(s->client_id, s->device.id)) {
+            pipeline_count_rejected("mqtt", "device_connection_limit");
             return ING_EQUOTA;
+        }
         limits_device_connect(pipeline_limits(p), s->device.id, UINT64_MAX,
                               limits_now_ms());
     }

@@ -4,9 +4,10 @@
  * QoS 1 gets PUBACK and QoS 2 gets PUBREC only after the pipeline reported
  * the message durable. A QoS 2 packet id then stays in the session state
  * until PUBREL, so a retransmitted PUBLISH is acknowledged again without
- * being stored twice. When the spool is full, 5.0 QoS 1 and 2 messages get
- * 0x97 (Quota exceeded); every other message is held, reading stops, and
- * the submit is retried until the spool accepts it.
+ * being stored twice. When flow control turns a message away (spool past
+ * its high mark, device over its rate or daily quota), 5.0 QoS 1 and 2
+ * messages get 0x97 (Quota exceeded). Every other message is held, so
+ * reading stops and the submit is retried until the pipeline accepts it.
  *
  * A stored QoS 1 packet id is remembered as well, so that a PUBLISH resent
  * with DUP after a lost PUBACK is acknowledged without being stored again.
@@ -279,7 +280,7 @@ static uint8_t failure_reason(int rc, const char **why)
     case ING_ERATE:
         /* 0x96 (Message rate too high) is valid in DISCONNECT only; MQTT
          * 5.0 section 3.4.2.1 allows 0x97 in PUBACK and PUBREC, so the
-         * reason string tells a rate limit from the quota. */
+         * reason string distinguishes a rate limit from the quota. */
         *why = "rate_limited: the device sends faster than its limit; "
                "retry later";
         return MQTT_RC_QUOTA_EXCEEDED;
@@ -637,8 +638,9 @@ static int store_message(mqtt_session_t *s, const mqtt_publish_t *p,
     r->batch = b;
     r->qos = p->qos;
     r->packet_id = p->packet_id;
-    /* Only 5.0 QoS 1 and 2 messages can be told to retry, so every other
-     * message is held and submitted again (hold_message). */
+    /* Only 5.0 QoS 1 and 2 messages have an acknowledgement that can ask
+     * for a retry, so every other message is held and submitted again
+     * (hold_message). */
     if (!(s->version == MQTT_V5 && p->qos > 0))
         pipeline_batch_set_retrying(b);
     if (p->qos > 0 && s->state != NULL)

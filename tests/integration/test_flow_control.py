@@ -157,7 +157,7 @@ def test_mqtt5_rate_limit_and_quota_codes(flow_factory):
     codes = [a.reason for a in acks]
     assert codes[:5] == [0] * 5
     # PUBACK may not carry 0x96 (Message rate too high), so a rate limit
-    # is 0x97 too, told apart from the quota by the reason string.
+    # is 0x97 too, and the reason string distinguishes it from the quota.
     assert codes[5:] == [0x97] * 3
     assert acks[5].reason_string.startswith("rate_limited")
     with mqtt_client(server, "q1") as c:
@@ -172,8 +172,9 @@ def test_mqtt5_rate_limit_and_quota_codes(flow_factory):
 
 @pytest.mark.parametrize("version,qos", [(raw.V311, 1), (raw.V5, 0)])
 def test_mqtt_held_messages_wait_not_drop(flow_factory, version, qos):
-    # 3.1.1 cannot be told to slow down and QoS 0 has no acknowledgement,
-    # so messages over the rate wait for tokens and are all stored.
+    # 3.1.1 has no reason code to ask for a retry and QoS 0 has no
+    # acknowledgement, so messages over the rate wait for tokens and are
+    # all stored.
     server = flow_factory(devices={"m1": "slow"},
                           types={"slow": {"readings_per_second": 10,
                                           "burst": 2}})
@@ -261,8 +262,8 @@ def test_mqtt_device_connection_limit(flow_factory):
                 break
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert metric(server, "ingestd_mqtt_auth_failures_total",
-                  reason="device_connection_limit") >= 0
+    assert metric(server, "ingestd_rejected_total", protocol="mqtt",
+                  reason="device_connection_limit") == 2
 
 
 def test_websocket_device_connection_limit(flow_factory):
@@ -283,6 +284,8 @@ def test_websocket_device_connection_limit(flow_factory):
                 return closed.value.rcvd.code
 
     assert asyncio.run(main()) == 1008
+    assert metric(server, "ingestd_rejected_total", protocol="ws",
+                  reason="device_connection_limit") == 1
 
 
 def test_total_connection_limit_spans_listeners(flow_factory):
@@ -309,7 +312,7 @@ STORM_PER_ADDRESS = 500  # 3,000 connects in all
 
 def storm(server, address, results):
     """Open STORM_PER_ADDRESS connections from `address` as fast as
-    possible, each sending one request, and count the answers."""
+    possible, each sending one request, and count the response statuses."""
     key = server.keys["storm"]
     body = json.dumps([reading()])
     request = (f"POST /v1/data HTTP/1.1\r\nHost: x\r\n"
@@ -344,6 +347,7 @@ def test_connection_storm_keeps_good_clients(flow_factory):
     start = time.monotonic()
     for t in threads:
         t.start()
+
     good = []
     with requests.Session() as session:
         while any(t.is_alive() for t in threads):
@@ -353,6 +357,7 @@ def test_connection_storm_keeps_good_clients(flow_factory):
     for t in threads:
         t.join(timeout=60)
     elapsed = time.monotonic() - start
+
     total = {}
     for counts in results.values():
         for status, n in counts.items():
@@ -413,7 +418,7 @@ def test_spool_marks_pause_and_resume(flow_factory, tmp_path):
     assert "spool congested" in ready.text
     assert metric(server, "ingestd_spool_congested") == 1
 
-    # A 3.1.1 client cannot be told, so its message waits unread.
+    # A 3.1.1 PUBACK has no reason code, so the message waits unread.
     waiting = mqtt_client(server, "d2", version=raw.V311)
     waiting.send(raw.publish("devices/d2/data", json.dumps(reading()),
                              qos=1, packet_id=7, version=raw.V311))
