@@ -519,6 +519,27 @@ static int open_auth(server_t *s, char *err, size_t errlen)
     return rc;
 }
 
+/* With idempotency off, the cursor of its spool reader from an earlier
+ * run would hold back segment deletion for ever, and the index it served
+ * is not used, so it is removed before the spool loads the cursors. */
+static void drop_idempotency_cursor(const config_t *cfg,
+                                    const char *spool_dir)
+{
+    char path[4200];
+
+    if (cfg->idempotency.enabled)
+        return;
+    snprintf(path, sizeof(path), "%s/cursors/idempotency", spool_dir);
+    if (unlink(path) == 0)
+        log_info("removed the idempotency spool cursor, since idempotency "
+                 "is off",
+                 "file=%s", path);
+    else if (errno != ENOENT)
+        log_warn("removing the idempotency spool cursor failed; it holds "
+                 "back spool cleanup until deleted",
+                 "file=%s error=\"%s\"", path, strerror(errno));
+}
+
 static int start_storage(server_t *s, char *err, size_t errlen)
 {
     char spool_dir[4096];
@@ -532,6 +553,7 @@ static int start_storage(server_t *s, char *err, size_t errlen)
     }
     snprintf(spool_dir, sizeof(spool_dir), "%s/spool", s->cfg->data_dir);
     opts.dir = spool_dir;
+    drop_idempotency_cursor(s->cfg, spool_dir);
     opts.fsync = s->cfg->spool.durability == SPOOL_DURABILITY_FSYNC;
     opts.segment_size = s->cfg->spool.segment_size;
     opts.max_size = s->cfg->spool.max_size;

@@ -9,9 +9,9 @@
 #include "core/log.h"
 #include "pipeline/idempotency_batch.h"
 
-/* A cursor left by an earlier run with idempotency on still holds back
- * segment deletion, as a removed sink's cursor does. The spool loaded it
- * already, so only the operator can drop it, with ingestd stopped. */
+/* A cursor left by an earlier run with idempotency on would hold back
+ * segment deletion. serve removes it before opening the spool, so this
+ * warns only when that removal failed. */
 static void warn_stale_cursor(const config_t *cfg)
 {
     char path[4096];

@@ -434,3 +434,40 @@ def test_envelope_carries_key(tmp_path):
         assert keys.index("idempotency_key") < keys.index("payload")
     finally:
         stop(server)
+
+
+def test_turning_off_removes_its_spool_cursor(tmp_path):
+    """The index's spool cursor would hold back spool cleanup for ever once
+    idempotency is off, so a start with it off removes the cursor."""
+    from conftest import wait_ready, write_config
+
+    port, admin_port = free_port(), free_port()
+    config = write_config(tmp_path, port, admin_port)
+    key = add_device("dev-1", config)
+    cursor = tmp_path / "data" / "spool" / "cursors" / "idempotency"
+    log = tmp_path / "ingestd.log"
+
+    def run_once():
+        with open(log, "ab") as log_file:
+            proc = subprocess.Popen([binary(), "serve", "-c", str(config)],
+                                    stdout=log_file,
+                                    stderr=subprocess.STDOUT)
+        try:
+            wait_ready(proc, f"http://127.0.0.1:{admin_port}", log)
+            r = requests.post(f"http://127.0.0.1:{port}/v1/data",
+                              json={"sensor_value": 1},
+                              headers={"Authorization": f"Bearer {key}",
+                                       "Idempotency-Key": str(uuid.uuid4())},
+                              timeout=5)
+            assert r.status_code == 202
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+
+    run_once()
+    assert cursor.exists()
+    with open(config, "a") as f:
+        f.write("idempotency:\n  enabled: false\n")
+    run_once()
+    assert not cursor.exists()
+    assert "removed the idempotency spool cursor" in log.read_text()
