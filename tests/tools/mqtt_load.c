@@ -14,7 +14,7 @@
  *
  *   MQTT_LOAD clients=N connected=N version=5 qos=1 window=W sent=N
  *     acked=N rejected=N errors=N duration_us=N rate=X p50_us=N p99_us=N
- *     max_us=N connect_us=N cpu_pct=X timed_out=0|1
+ *     max_us=N connect_us=N cpu_pct=X timed_out=0|1 tls=0|1
  *
  * rate is sent / duration, where duration runs from the first publish to
  * the last PUBACK. rejected counts MQTT 5 PUBACKs with a reason code of
@@ -23,6 +23,14 @@
  * QoS 0 are the last message of each client. cpu_pct
  * is this process's CPU time over the wall time, 100 per busy core, so a
  * value near 100 times the thread count means the generator is the limit.
+ *
+ * TLS (--cafile FILE): every client connects over TLS with
+ * mosquitto_tls_set(), verifies the server's certificate against FILE
+ * and checks that it names the -H address. --cert and --key add a client
+ * certificate. libmosquitto loads the files into a TLS context per client,
+ * so each client also runs a full handshake of its own. The handshake
+ * runs in the event loop, after mosquitto_connect() and before CONNECT,
+ * and its time counts in connect_us but not in the latencies.
  *
  * Idle mode (-I SECONDS): the clients connect and publish nothing. Once
  * every client has its CONNACK or has failed, "MQTT_IDLE connected=N
@@ -39,6 +47,7 @@
  * clients do not need a thread each.
  */
 #include <errno.h>
+#include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
@@ -92,6 +101,10 @@ typedef struct {
     int max_seconds;
     int idle_seconds;
     int keepalive;
+    /* TLS files; cafile NULL means plain TCP. */
+    const char *cafile;
+    const char *certfile;
+    const char *keyfile;
 } options_t;
 
 typedef enum {
@@ -197,7 +210,13 @@ static void usage(FILE *f)
             "  -d SECONDS   maximum run time in load mode (default 120)\n"
             "  -I SECONDS   idle mode: connect, publish nothing, hold this "
             "long\n"
-            "  -k SECONDS   keep alive, 5 to 65535 (default 60)\n",
+            "  -k SECONDS   keep alive, 5 to 65535 (default 60)\n"
+            "  --cafile FILE  connect over TLS and verify the server's\n"
+            "                 certificate with the CA certificates in FILE\n"
+            "                 (PEM)\n"
+            "  --cert FILE    client certificate (PEM); needs --cafile and\n"
+            "                 --key\n"
+            "  --key FILE     private key of --cert (PEM, unencrypted)\n",
             MAX_CLIENTS, MAX_MESSAGES, MAX_WINDOW, MAX_THREADS);
 }
 
@@ -536,7 +555,8 @@ static void check_loop_rc(client_t *c, int rc)
 }
 
 /* Starts the TCP connection and sends CONNECT. The TCP connect itself
- * blocks, which on loopback takes microseconds. */
+ * blocks, which on loopback takes microseconds. With TLS, libmosquitto
+ * sends CONNECT only after the handshake, which the event loop drives. */
 static void start_client(client_t *c)
 {
     worker_t *w = c->worker;
@@ -608,6 +628,15 @@ static int setup_client(worker_t *w, client_t *c, int index)
     /* Nagle's algorithm would hold small PUBLISH packets back until the
      * server's ACK, which adds client delay to the measured latency. */
     mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
+    if (opt->cafile != NULL) {
+        rc = mosquitto_tls_set(c->mosq, opt->cafile, NULL, opt->certfile,
+                               opt->keyfile, NULL);
+        if (rc != MOSQ_ERR_SUCCESS) {
+            fprintf(stderr, "mqtt_load: setting TLS options failed: %s\n",
+                    mosquitto_strerror(rc));
+            return -1;
+        }
+    }
     /* The tool keeps its own window, so libmosquitto's must not be
      * smaller. */
     mosquitto_max_inflight_messages_set(c->mosq, (unsigned)opt->window);
@@ -733,8 +762,55 @@ static double cpu_seconds(void)
            (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
+/* Checks that the file of option --name can be opened for reading, so
+ * that a wrong path gets a message with the reason instead of
+ * mosquitto_tls_set()'s bare "Invalid function arguments". */
+static int check_readable(const char *path, const char *name)
+{
+    FILE *f = fopen(path, "r");
+
+    if (f == NULL) {
+        fprintf(stderr, "mqtt_load: cannot open --%s file %s: %s\n", name,
+                path, strerror(errno));
+        return -1;
+    }
+    fclose(f);
+    return 0;
+}
+
+/* Checks that the TLS options go together and name readable files. */
+static int check_tls_options(const options_t *opt)
+{
+    if ((opt->certfile == NULL) != (opt->keyfile == NULL)) {
+        fprintf(stderr, "mqtt_load: --cert and --key must be given "
+                        "together\n");
+        return -1;
+    }
+    if (opt->certfile != NULL && opt->cafile == NULL) {
+        fprintf(stderr, "mqtt_load: --cert needs --cafile to verify the "
+                        "server\n");
+        return -1;
+    }
+    if (opt->cafile != NULL && check_readable(opt->cafile, "cafile") != 0)
+        return -1;
+    if (opt->certfile != NULL &&
+        (check_readable(opt->certfile, "cert") != 0 ||
+         check_readable(opt->keyfile, "key") != 0))
+        return -1;
+    return 0;
+}
+
+/* Values of the long options, above every short option character. */
+enum { OPT_CAFILE = 256, OPT_CERT, OPT_KEY };
+
 static int parse_options(int argc, char **argv, options_t *opt)
 {
+    static const struct option long_options[] = {
+        {"cafile", required_argument, NULL, OPT_CAFILE},
+        {"cert", required_argument, NULL, OPT_CERT},
+        {"key", required_argument, NULL, OPT_KEY},
+        {NULL, 0, NULL, 0},
+    };
     long v;
     int ch;
 
@@ -750,9 +826,12 @@ static int parse_options(int argc, char **argv, options_t *opt)
     opt->threads = 1;
     opt->max_seconds = 120;
     opt->keepalive = 60;
-    while ((ch = getopt(argc, argv, "H:p:B:f:c:m:q:w:V:t:r:T:d:I:k:h")) !=
-           -1) {
+    while ((ch = getopt_long(argc, argv, "H:p:B:f:c:m:q:w:V:t:r:T:d:I:k:h",
+                             long_options, NULL)) != -1) {
         switch (ch) {
+        case OPT_CAFILE: opt->cafile = optarg; break;
+        case OPT_CERT: opt->certfile = optarg; break;
+        case OPT_KEY: opt->keyfile = optarg; break;
         case 'H': opt->host = optarg; break;
         case 'B': opt->bind_address = optarg; break;
         case 'f': opt->credentials_path = optarg; break;
@@ -824,6 +903,8 @@ static int parse_options(int argc, char **argv, options_t *opt)
         usage(stderr);
         return -1;
     }
+    if (check_tls_options(opt) != 0)
+        return -1;
     if (opt->threads > opt->clients)
         opt->threads = opt->clients;
     return 0;
@@ -969,7 +1050,7 @@ static void report_load(const options_t *opt, worker_t *workers,
     printf("MQTT_LOAD clients=%d connected=%d version=%d qos=%d window=%d "
            "sent=%ld acked=%ld rejected=%ld errors=%ld duration_us=%.0f "
            "rate=%.1f p50_us=%" PRIu32 " p99_us=%" PRIu32 " max_us=%" PRIu32
-           " connect_us=%" PRIu64 " cpu_pct=%.0f timed_out=%d\n",
+           " connect_us=%" PRIu64 " cpu_pct=%.0f timed_out=%d tls=%d\n",
            opt->clients, connected, opt->version, opt->qos, opt->window, sent,
            acked, rejected, errors + (unfinished > 0 ? unfinished : 0),
            duration_s * 1e6, duration_s > 0 ? sent / duration_s : 0.0,
@@ -977,7 +1058,7 @@ static void report_load(const options_t *opt, worker_t *workers,
            count ? all[count - 1] : 0,
            connect_done > start_ns ? (connect_done - start_ns) / 1000 : 0,
            wall ? 100.0 * cpu / ((double)wall / 1e9) : 0.0,
-           unfinished > 0 ? 1 : 0);
+           unfinished > 0 ? 1 : 0, opt->cafile != NULL);
     fflush(stdout);
     free(all);
 }
