@@ -50,11 +50,22 @@ def binary():
     return os.environ.get("INGESTD_BIN", "./build/ingestd")
 
 
+# Ports already handed out in this test run. The kernel may give the same
+# free port to two binds in a row once the first socket is closed, and a
+# config with one port for two listeners fails to load.
+_ports_given = set()
+
+
 def free_port():
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Return a TCP port on 127.0.0.1 that was free a moment ago and that
+    this run has not handed out before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 @dataclasses.dataclass
