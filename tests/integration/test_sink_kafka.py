@@ -1,11 +1,11 @@
 """The Kafka sink against librdkafka's mock cluster (tests/tools/kafka_mock).
 
-Readings go in over HTTP and are read back with kcat. The tests check the
-message key and headers, per-device order, a broker outage under load and
-a SIGKILL of ingestd while it forwards. A message over the producer's size
-limit must land in the dead-letter file without holding up the records
-behind it. Delivery is at least once: duplicates are counted and printed,
-never failed.
+Readings go in over HTTP and MQTT and are read back with kcat. The tests
+check the message key and headers, per-device order, a broker outage under
+load and a SIGKILL of ingestd while it forwards. A message over the
+producer's size limit must land in the dead-letter file without holding up
+the records behind it. Delivery is at least once: duplicates are counted
+and printed, never failed.
 """
 
 import collections
@@ -17,6 +17,7 @@ import time
 
 import requests
 
+import sink_ingestd
 from brokers import kafka  # noqa: F401  (a pytest fixture)
 from conftest import (add_device, binary, free_port, stop, wait_ready,
                       write_config)
@@ -284,3 +285,34 @@ def test_kafka_oversized_message_dead_lettered(kafka, tmp_path):
     assert lines[0]["sink"] == "kafka"
     assert lines[0]["record"]["message_id"] == big[0]
     assert "message too large" in lines[0]["reason"]
+
+
+def test_kafka_receives_http_and_mqtt_readings(kafka, tmp_path):
+    sink = {"name": "kafka", "type": "kafka", "address": kafka.bootstrap}
+    server = sink_ingestd.Ingestd(tmp_path / "ingestd", [sink])
+    server.start()
+    try:
+        ids = []
+        for seq, device_id in enumerate(sink_ingestd.DEVICES):
+            ids += server.post(device_id, reading(device_id, seq))
+        mqtt_seqs = [server.publish_mqtt("dev-2", reading("dev-2", 100 + i))
+                     for i in range(3)]
+        wait_for_ids(kafka, ids)
+        server.wait_metric("ingestd_sink_records_total", "kafka", 6)
+        messages = kafka.consume(TOPIC)
+    finally:
+        assert server.finish() == 0
+
+    assert report_duplicates(messages, "http and mqtt") == 0
+    for m in messages:
+        envelope = json.loads(m.value)
+        assert m.key == envelope["device_id"]
+        assert m.headers["message_id"] == envelope["message_id"]
+        assert m.headers["protocol"] == envelope["protocol"]
+    by_id = {m.headers["message_id"]: json.loads(m.value) for m in messages}
+    for message_id in ids:
+        assert by_id[message_id]["protocol"] == "http"
+    over_mqtt = [e for e in by_id.values() if e["protocol"] == "mqtt"]
+    assert sorted(e["payload"]["seq"] for e in over_mqtt) == mqtt_seqs
+    for envelope in over_mqtt:
+        assert envelope["device_id"] == "dev-2"

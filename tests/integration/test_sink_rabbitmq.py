@@ -1,6 +1,6 @@
 """The RabbitMQ sink against a real rabbitmq-server on loopback.
 
-Readings posted over HTTP must arrive in a queue bound to the exchange,
+Readings sent over HTTP and MQTT must arrive in a queue bound to the exchange,
 with their message id, headers and routing key. Stopping RabbitMQ under
 load, or SIGKILLing ingestd while it forwards, must lose no acknowledged
 reading: every acknowledged message id arrives (duplicates are allowed,
@@ -20,6 +20,7 @@ import time
 import pytest
 import requests
 
+import sink_ingestd
 from brokers import RabbitMQ
 from conftest import add_device, binary, free_port, wait_ready, write_config
 from test_sink_redis import Load, reading, report_duplicates, wait_for_ids
@@ -268,3 +269,41 @@ def test_rabbitmq_wrong_password_retries(tmp_path, rabbitmq):
         assert ids
     finally:
         server.finish()
+
+
+def test_rabbitmq_receives_http_and_mqtt_readings(tmp_path, rabbitmq):
+    rabbitmq.bind_queue("http-and-mqtt", exchange="http-and-mqtt")
+    sink = {"name": "rabbit", "type": "rabbitmq",
+            "address": rabbitmq.address, "exchange": "http-and-mqtt"}
+    server = sink_ingestd.Ingestd(tmp_path / "ingestd", [sink])
+    server.start()
+    try:
+        ids = []
+        for seq in range(6):
+            device = DEVICES[seq % 3]
+            ids += server.post(device, reading(device, seq))
+        mqtt_seqs = [server.publish_mqtt("dev-2", reading("dev-2", 100 + i))
+                     for i in range(3)]
+        reader = Reader(rabbitmq, "http-and-mqtt")
+        wait_for_ids(reader.ids, ids)
+        server.wait_metric("ingestd_sink_records_total", "rabbit", 9)
+        reader.ids()
+        envelopes = {}
+        for message in reader.messages:
+            envelope = json.loads(message.body)
+            device = envelope["device_id"]
+            assert message.message_id == envelope["message_id"]
+            assert message.routing_key == f"default.{device}"
+            assert message.headers == {
+                "device_id": device, "device_type": "default",
+                "protocol": envelope["protocol"]}
+            envelopes[message.message_id] = envelope
+        for message_id in ids:
+            assert envelopes[message_id]["protocol"] == "http"
+        over_mqtt = [e for e in envelopes.values() if e["protocol"] == "mqtt"]
+        assert sorted(e["payload"]["seq"] for e in over_mqtt) == mqtt_seqs
+        for envelope in over_mqtt:
+            assert envelope["device_id"] == "dev-2"
+        assert report_duplicates(reader.ids(), "http and mqtt") == 0
+    finally:
+        assert server.finish() == 0

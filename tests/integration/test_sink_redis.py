@@ -1,11 +1,11 @@
 """The Redis sink against a real redis-server on loopback.
 
-Readings posted over HTTP must arrive in the stream with their fields or
-on the pubsub channel. Stopping Redis under load, or SIGKILLing ingestd
-while it forwards, must lose no acknowledged reading: every acknowledged
-message id arrives (duplicates are allowed, counted and printed). A record
-Redis rejects for good goes to the dead-letter file without blocking the
-records behind it.
+Readings sent over HTTP and MQTT must arrive in the stream with their
+fields or on the pubsub channel. Stopping Redis under load, or SIGKILLing
+ingestd while it forwards, must lose no acknowledged reading: every
+acknowledged message id arrives (duplicates are allowed, counted and
+printed). A record Redis rejects for good goes to the dead-letter file
+without blocking the records behind it.
 """
 
 import collections
@@ -18,6 +18,7 @@ import time
 
 import requests
 
+import sink_ingestd
 from brokers import Redis
 from conftest import add_device, binary, free_port, wait_ready, write_config
 
@@ -330,6 +331,40 @@ def test_redis_wrongtype_dead_lettered(tmp_path):
         assert redis.cli("GET", "telemetry:dev-1") == ["x"]
         assert report_duplicates(
             stream_ids(redis, "telemetry:dev-2"), "wrongtype") == 0
+    finally:
+        assert server.finish() == 0
+        redis.stop()
+
+
+def test_redis_receives_http_and_mqtt_readings(tmp_path):
+    redis = Redis(tmp_path / "redis")
+    redis.start()
+    sink = {"name": "redis", "type": "redis", "address": redis.address}
+    server = sink_ingestd.Ingestd(tmp_path / "ingestd", [sink])
+    server.start()
+    try:
+        ids = []
+        for seq in range(6):
+            ids += server.post(DEVICES[seq % 3], reading(DEVICES[seq % 3],
+                                                         seq))
+        mqtt_seqs = [server.publish_mqtt("dev-2", reading("dev-2", 100 + i))
+                     for i in range(3)]
+        wait_for_ids(lambda: stream_ids(redis), ids)
+        server.wait_metric("ingestd_sink_records_total", "redis", 9)
+        envelopes = {}
+        for entry in redis.xrange("telemetry:default"):
+            envelope = json.loads(entry["envelope"])
+            assert entry["message_id"] == envelope["message_id"]
+            assert entry["device_id"] == envelope["device_id"]
+            assert entry["device_type"] == "default"
+            envelopes[envelope["message_id"]] = envelope
+        for message_id in ids:
+            assert envelopes[message_id]["protocol"] == "http"
+        over_mqtt = [e for e in envelopes.values() if e["protocol"] == "mqtt"]
+        assert sorted(e["payload"]["seq"] for e in over_mqtt) == mqtt_seqs
+        for envelope in over_mqtt:
+            assert envelope["device_id"] == "dev-2"
+        assert report_duplicates(stream_ids(redis), "http and mqtt") == 0
     finally:
         assert server.finish() == 0
         redis.stop()
