@@ -75,7 +75,6 @@ struct server {
     uv_timer_t watchdog_timer; /* WATCHDOG=1 to systemd, when enabled */
     http_listener_t *admin;
     _Atomic int draining;
-    int workers_done;
     metrics_histogram_t *fsync_seconds;
 };
 
