@@ -180,7 +180,7 @@ enum auth_method {
     AUTH_METHOD_CERTIFICATE = 2,
 };
 
-/* Why a credential was rejected, for logs, metrics labels and answers.
+/* Why a credential was rejected, for logs, metrics labels and responses.
  * Static strings such as "expired", "bad_signature", "wrong_audience",
  * "alg_not_allowed", "unknown_device", "disabled", "fingerprint_mismatch". */
 typedef struct auth_failure {

@@ -182,7 +182,7 @@ typedef struct config {
         uint64_t body_timeout_ms;   /* time to receive a request's body */
         uint64_t idle_timeout_ms;   /* keep-alive connection with no request */
         uint64_t max_connections;   /* per listener, across workers */
-        uint64_t retry_after_s;     /* Retry-After of 503 answers */
+        uint64_t retry_after_s;     /* Retry-After of 503 responses */
     } http;
 
     struct {

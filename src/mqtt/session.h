@@ -176,7 +176,7 @@ void mqtt_session_close(mqtt_session_t *s);
 /* Sends the acknowledgements at the head of the queue that are ready. */
 void mqtt_session_flush_replies(mqtt_session_t *s);
 
-/* Appends an answer to the queue; NULL on allocation failure. */
+/* Appends a reply to the queue. Returns NULL on allocation failure. */
 mqtt_reply_t *mqtt_session_push_reply(mqtt_session_t *s);
 
 /* Resumes or pauses reading and handles buffered input as the state
@@ -216,7 +216,7 @@ void mqtt_session_on_pubrel(mqtt_session_t *s, const mqtt_ack_t *a);
 /* Retries the held message's submit. */
 void mqtt_session_retry_held(mqtt_session_t *s);
 
-/* Frees an answer and its batch. */
+/* Frees a reply and its batch. */
 void mqtt_reply_free(mqtt_reply_t *r);
 
 /* ---- session_subscribe.c ---- */
@@ -234,7 +234,7 @@ int mqtt_topic_matches(const char *filter, const char *topic);
 /* Attaches session `s` to the state of `client_id`, creating it or, with
  * `clean`, replacing it. The previous owner, if any, gets takeover mail.
  * Sets *present when earlier state carried over. Returns 0, ING_ENOMEM,
- * or ING_EEXIST when another device holds this client id. */
+ * or ING_EEXIST when another device uses this client id. */
 int mqtt_table_attach(mqtt_session_t *s, bool clean, uint32_t expiry,
                       mqtt_state_t **out, bool *present);
 

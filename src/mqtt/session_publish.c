@@ -666,7 +666,7 @@ int mqtt_session_on_publish(mqtt_session_t *s, mqtt_publish_t *p)
     int rc;
 
     if (s->version == MQTT_V5 && p->retain) {
-        /* CONNACK said Retain Available 0, and the 5.0 spec (3.3.1.3)
+        /* CONNACK sent Retain Available 0, and the 5.0 spec (3.3.1.3)
          * makes a retained PUBLISH then a DISCONNECT with 0x9A. */
         mqtt_metrics_malformed("retain_not_supported");
         mqtt_session_fail(s, MQTT_RC_RETAIN_NOT_SUPPORTED,
